@@ -1,0 +1,237 @@
+"""Ingress deployment: the FastAPI app that every request enters through.
+
+POST /v1/align reads as the request path:
+  1. stream the multipart body under a byte cap               (serve_app.api.upload)
+  2. validate the transcript and its language                  (serve_app.text.transcript)
+  3. check the loaded backend can take this language
+  4. scan: sniff + capped decode in a Scanner replica          (deployments.scanner)
+  5. check the decoded audio against the backend and the text  (duration cap, plausibility)
+  6. align in a batching Aligner replica                       (deployments.aligner)
+  7. map unit times back to the caller's words and render      (serve_app.text.timing, api.formats)
+
+Failure policy: a scanner or aligner that is down, saturated (Serve's max_queued_requests) or too
+slow answers 503 with Retry-After; bad input answers a 4xx problem; nothing answers a traceback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import uuid
+
+import numpy as np
+from fastapi import FastAPI, Request, Response
+from fastapi.responses import JSONResponse, PlainTextResponse
+from ray import serve
+from ray.exceptions import RayError
+from ray.serve.exceptions import BackPressureError
+from ray.serve.handle import DeploymentHandle
+
+from deployments.backends.base import AlignmentFailed, AlignmentJob, BackendInfo, UnitTiming
+from deployments.scanner import Rejection
+from serve_app.api import formats
+from serve_app.api.formats import OutputFormat
+from serve_app.api.languages import canonical_language
+from serve_app.api.models import ALIGN_REQUEST_BODY, AlignForm, AlignResponse, DependencyStatus, Health, Readiness, WordOut
+from serve_app.api.models import Problem as ProblemModel
+from serve_app.api.problems import PROBLEM_MEDIA_TYPE, PROBLEM_TYPES, Problem, install_problem_handlers, unavailable
+from serve_app.api.upload import UploadLimits, read_align_form
+from serve_app.media import DecodedAudio
+from serve_app.settings import IngressOptions
+from serve_app.text.timing import WordTiming, word_timings
+from serve_app.text.transcript import Transcript, TranscriptRejected, check_plausible, parse_transcript
+
+logger = logging.getLogger("ray.serve")
+
+_SAFE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+_READY_TIMEOUT_S = 5.0
+
+
+def _problem_responses(*statuses: int) -> dict:
+    return {status: {"model": ProblemModel, "content": {PROBLEM_MEDIA_TYPE: {}}} for status in statuses}
+
+
+app = FastAPI(
+    title="Forced alignment API",
+    version="1",
+    description="Word-level timestamps for an audio file and its transcript (Qwen3-ForcedAligner).",
+    openapi_url="/v1/openapi.json",
+    docs_url="/v1/docs",
+    redoc_url=None,
+)
+install_problem_handlers(app)
+
+
+@app.middleware("http")
+async def _request_id(request: Request, call_next):
+    # Serve's proxy puts an x-request-id on every request (the client's or a generated one). Only a
+    # well-formed id is echoed in bodies, so a client cannot inject text into our documents or logs.
+    supplied = request.headers.get("x-request-id", "")
+    request.state.request_id = supplied if _SAFE_REQUEST_ID.match(supplied) else uuid.uuid4().hex
+    return await call_next(request)
+
+
+@serve.deployment(
+    name="Ingress",
+    ray_actor_options={"num_cpus": 0.25},
+    max_ongoing_requests=32,
+    max_queued_requests=64,
+    autoscaling_config={"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 8},
+    user_config=IngressOptions().model_dump(),
+)
+@serve.ingress(app)
+class Ingress:
+    def __init__(self, scanner: DeploymentHandle, aligner: DeploymentHandle) -> None:
+        self._scanner = scanner
+        self._aligner = aligner
+        self._backend: BackendInfo | None = None  # fetched from the aligner once, then cached
+
+    def reconfigure(self, user_config: dict) -> None:
+        self._options = IngressOptions.model_validate(user_config)
+
+    @app.post(
+        "/v1/align",
+        response_model=AlignResponse,
+        summary="Align a transcript to an audio file",
+        openapi_extra={"requestBody": ALIGN_REQUEST_BODY},
+        responses={
+            200: {
+                "content": {
+                    "application/x-subrip": {"schema": {"type": "string"}},
+                    "text/vtt": {"schema": {"type": "string"}},
+                    "text/plain": {"schema": {"type": "string"}},
+                }
+            },
+            **_problem_responses(400, 413, 415, 422, 500, 503),
+        },
+    )
+    async def align(self, request: Request) -> Response:
+        options = self._options  # one consistent snapshot for the whole request
+        form = await read_align_form(
+            request, UploadLimits(max_body_bytes=options.max_upload_bytes, max_text_bytes=options.max_transcript_chars * 4)
+        )
+        transcript = self._parse_transcript(form, options)
+        backend = await self._backend_info(options)
+        if transcript.language not in backend.languages:
+            raise Problem("unsupported-language", f"the {backend.name} backend does not align {transcript.language}")
+
+        audio = await self._scan(form.audio, options)
+        if audio.duration_seconds > backend.max_audio_seconds:
+            raise Problem(
+                "audio-too-long",
+                f"the audio lasts {audio.duration_seconds:.1f} s; the {backend.name} backend aligns at most {backend.max_audio_seconds:.0f} s",
+            )
+        try:
+            check_plausible(transcript, audio.duration_seconds)
+        except TranscriptRejected as rejected:
+            raise Problem(rejected.reason, rejected.detail) from None
+
+        timings = await self._align(AlignmentJob(audio.samples, transcript.units, transcript.language), options)
+        words = word_timings(transcript, timings, audio.duration_seconds)
+        return self._render(form.format, request, transcript, audio, backend, words)
+
+    @app.get("/v1/health", response_model=Health, summary="Liveness")
+    async def health(self) -> Health:
+        return Health(status="ok")
+
+    @app.get("/v1/ready", response_model=Readiness, summary="Readiness of each dependency", responses={503: {"model": Readiness}})
+    async def ready(self) -> JSONResponse:
+        checks: dict[str, DependencyStatus] = {}
+        backend: BackendInfo | None = None
+        try:
+            await asyncio.wait_for(self._scanner.ready.remote(), _READY_TIMEOUT_S)
+            checks["scanner"] = DependencyStatus(status="ready")
+        except (RayError, asyncio.TimeoutError) as error:
+            checks["scanner"] = DependencyStatus(status="unavailable", detail=type(error).__name__)
+        try:
+            backend = await asyncio.wait_for(self._aligner.info.remote(), _READY_TIMEOUT_S)
+            checks["aligner"] = DependencyStatus(status="ready")
+        except (RayError, asyncio.TimeoutError) as error:
+            checks["aligner"] = DependencyStatus(status="unavailable", detail=type(error).__name__)
+        ready = all(check.status == "ready" for check in checks.values())
+        body = Readiness(
+            status="ready" if ready else "unavailable",
+            backend=backend.name if backend else None,
+            model=backend.model if backend else None,
+            checks=checks,
+        )
+        return JSONResponse(body.model_dump(), status_code=200 if ready else 503)
+
+    # -- steps of the request path -------------------------------------------------------------
+
+    @staticmethod
+    def _parse_transcript(form: AlignForm, options: IngressOptions) -> Transcript:
+        language = options.default_language
+        if form.language:
+            language = canonical_language(form.language)
+            if language is None:
+                raise Problem("unsupported-language", "unsupported language; use a name or ISO code of one of the 11 supported languages")
+        try:
+            return parse_transcript(
+                form.text, language, max_chars=options.max_transcript_chars, max_units=options.max_transcript_units
+            )
+        except TranscriptRejected as rejected:
+            raise Problem(rejected.reason, rejected.detail) from None
+
+    async def _backend_info(self, options: IngressOptions) -> BackendInfo:
+        if self._backend is None:
+            self._backend = await self._downstream(self._aligner.info.remote(), "aligner", _READY_TIMEOUT_S, options)
+        return self._backend
+
+    async def _scan(self, audio: bytes, options: IngressOptions) -> DecodedAudio:
+        # A numpy view crosses the hop without a copy into a Python bytes object on the other side.
+        verdict = await self._downstream(
+            self._scanner.inspect.remote(np.frombuffer(audio, dtype=np.uint8)), "scanner", options.scan_timeout_s, options
+        )
+        if isinstance(verdict, Rejection):
+            raise Problem(verdict.reason, verdict.detail)
+        return verdict
+
+    async def _align(self, job: AlignmentJob, options: IngressOptions) -> list[UnitTiming]:
+        outcome = await self._downstream(self._aligner.align.remote(job), "aligner", options.align_timeout_s, options)
+        if isinstance(outcome, AlignmentFailed):
+            slug = outcome.reason if outcome.reason in PROBLEM_TYPES else "no-alignment-found"
+            raise Problem(slug, outcome.detail)
+        return outcome
+
+    @staticmethod
+    async def _downstream(response, name: str, timeout_s: float, options: IngressOptions):
+        """Await a downstream call; saturation, death and slowness all become 503 + Retry-After."""
+        try:
+            return await asyncio.wait_for(response, timeout_s)
+        except BackPressureError:
+            raise unavailable(f"the {name} is at capacity; retry later", options.retry_after_s) from None
+        except asyncio.TimeoutError:
+            response.cancel()
+            raise unavailable(f"the {name} did not answer in time; retry later", options.retry_after_s) from None
+        except RayError as error:
+            # The message of a remote error is a full traceback: log the type only.
+            logger.error("%s call failed: %s", name, type(error).__name__)
+            raise unavailable(f"the {name} failed; retry later", options.retry_after_s) from None
+
+    @staticmethod
+    def _render(
+        output: OutputFormat,
+        request: Request,
+        transcript: Transcript,
+        audio: DecodedAudio,
+        backend: BackendInfo,
+        words: list[WordTiming],
+    ) -> Response:
+        duration = round(audio.duration_seconds, 3)
+        if output is OutputFormat.srt:
+            return PlainTextResponse(formats.to_srt(words), media_type=formats.MEDIA_TYPES[output])
+        if output is OutputFormat.vtt:
+            return PlainTextResponse(formats.to_vtt(words), media_type=formats.MEDIA_TYPES[output])
+        if output is OutputFormat.textgrid:
+            return PlainTextResponse(formats.to_textgrid(words, duration), media_type=formats.MEDIA_TYPES[output])
+        body = AlignResponse(
+            id=request.state.request_id,
+            language=transcript.language,
+            duration=duration,
+            backend=backend.name,
+            model=backend.model,
+            words=[WordOut(text=word.text, start=word.start, end=word.end) for word in words],
+        )
+        return JSONResponse(body.model_dump())

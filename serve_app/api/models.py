@@ -1,0 +1,91 @@
+"""Request and response models of API v1, in one place (they also shape the OpenAPI document)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+from serve_app.api.formats import OutputFormat
+from serve_app.api.languages import accepted_values
+
+
+class AlignForm(BaseModel):
+    """The multipart fields of POST /v1/align, after streaming and size checks."""
+
+    audio: bytes = Field(repr=False)
+    audio_filename: str | None = None  # declared by the client: logged, never trusted
+    audio_content_type: str | None = None  # declared by the client: logged, never trusted
+    text: str = Field(repr=False)
+    language: str | None = None
+    format: OutputFormat = OutputFormat.json
+
+
+# The OpenAPI description of the multipart body. The ingress parses the body itself (to enforce byte
+# caps while it streams), so FastAPI cannot derive this from handler parameters.
+ALIGN_REQUEST_BODY = {
+    "required": True,
+    "content": {
+        "multipart/form-data": {
+            "schema": {
+                "type": "object",
+                "required": ["audio", "text"],
+                "properties": {
+                    "audio": {
+                        "type": "string",
+                        "format": "binary",
+                        "description": "The audio file: WAV, FLAC, MP3, Ogg (Vorbis/Opus), M4A/MP4 or WebM.",
+                    },
+                    "text": {"type": "string", "minLength": 1, "description": "The transcript, UTF-8."},
+                    "language": {
+                        "type": "string",
+                        "description": "Name or ISO code; default English. One of: " + "; ".join(accepted_values()),
+                    },
+                    "format": {"type": "string", "enum": [member.value for member in OutputFormat], "default": "json"},
+                },
+            },
+            "encoding": {"audio": {"contentType": "application/octet-stream, audio/*, video/*"}},
+        }
+    },
+}
+
+
+class WordOut(BaseModel):
+    text: str = Field(description="The word exactly as given in the transcript.")
+    start: float = Field(ge=0, description="Seconds from the start of the audio.")
+    end: float = Field(ge=0, description="Seconds from the start of the audio; >= start.")
+
+
+class AlignResponse(BaseModel):
+    id: str = Field(description="Request id (also in the X-Request-Id header).")
+    language: str
+    duration: float = Field(description="Decoded audio duration in seconds.")
+    backend: str = Field(description="The aligner backend that served the request: qwen3 or pocketsphinx.")
+    model: str
+    words: list[WordOut]
+
+
+class Problem(BaseModel):
+    """RFC 9457 problem details (application/problem+json)."""
+
+    type: str
+    title: str
+    status: int
+    detail: str
+    instance: str | None = None
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+
+
+class DependencyStatus(BaseModel):
+    status: Literal["ready", "unavailable"]
+    detail: str | None = None
+
+
+class Readiness(BaseModel):
+    status: Literal["ready", "unavailable"]
+    backend: str | None = Field(None, description="The aligner backend actually loaded.")
+    model: str | None = None
+    checks: dict[str, DependencyStatus]

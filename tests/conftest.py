@@ -43,6 +43,8 @@ def _test_applications(tiny_checkpoint: Path) -> list[dict]:
     (base,) = config["applications"]
     sphinx = copy.deepcopy(base)
     sphinx["args"]["backend"] = "pocketsphinx"
+    ingress = next(deployment for deployment in sphinx["deployments"] if deployment["name"] == "Ingress")
+    ingress["user_config"]["max_upload_bytes"] = 4 * 1024 * 1024  # small, so the 413 tests stay quick
     qwen3 = copy.deepcopy(base)
     qwen3.update(name="qwen3", route_prefix="/qwen3")
     qwen3["args"].update(backend="qwen3", qwen3_model=str(tiny_checkpoint), qwen3_dtype="float32")

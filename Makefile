@@ -1,0 +1,59 @@
+# Everything a fresh Debian/Ubuntu machine needs, in order. The two entry points:
+#   make serve   run the API on http://127.0.0.1:8000 (serve run configs/serve.yaml)
+#   make test    run the whole test suite
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+# Ray's local behaviour, decided explicitly (docs/operations.md): no usage stats; no token auth on
+# this single-machine, loopback-only cluster (Ray 2.60 otherwise writes a token that later breaks
+# `serve deploy`); never bind Ray's ports beyond loopback.
+export RAY_USAGE_STATS_ENABLED := 0
+export RAY_AUTH_MODE := disabled
+export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
+
+APT_PACKAGES := libmagic1 espeak-ng
+SAMPLE := var/sample.wav
+SAMPLE_TEXT := The quick brown fox jumps over the lazy dog while the band plays on.
+
+.PHONY: serve test venv system-deps sample clean
+
+system-deps:
+	@missing=$$(for package in $(APT_PACKAGES); do dpkg -s $$package >/dev/null 2>&1 || echo $$package; done); \
+	if [ -n "$$missing" ]; then \
+		echo "installing Debian packages:" $$missing; \
+		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing; \
+	fi
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	# The CPU build of torch first (a plain `torch` requirement would pull a multi-GB CUDA build).
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e ".[qwen3,test]"
+	touch $@
+
+venv: $(VENV)/.installed
+
+$(SAMPLE): | system-deps
+	mkdir -p $(dir $@)
+	espeak-ng -v en-us -s 140 -w $@ "$(SAMPLE_TEXT)"
+
+sample: $(SAMPLE)
+
+serve: venv system-deps sample
+	@echo
+	@echo "  Starting the API on http://127.0.0.1:8000 (ready in ~30 s). Try:"
+	@echo "    curl -s -F audio=@$(SAMPLE) -F 'text=$(SAMPLE_TEXT)' http://127.0.0.1:8000/v1/align"
+	@echo "  Docs: http://127.0.0.1:8000/v1/docs   Readiness: http://127.0.0.1:8000/v1/ready"
+	@echo
+	$(VENV)/bin/serve run configs/serve.yaml
+
+test: venv system-deps
+	$(PY) -m pytest
+
+clean:
+	rm -rf $(VENV) var

@@ -1,0 +1,275 @@
+"""The full HTTP path through the real Serve graph: ingress -> scanner -> batched aligner."""
+
+from __future__ import annotations
+
+import concurrent.futures
+
+import numpy as np
+import pytest
+import soundfile
+
+from tests.conftest import EVAL_DIR
+from tests.support.audio import encode, silence_flac, tone
+
+PROBLEM_PREFIX = "urn:forced-aligner:problem:"
+
+
+def eval_clip(utterance: dict) -> bytes:
+    return (EVAL_DIR / utterance["audio"]).read_bytes()
+
+
+def post_align(client, audio: bytes, text: str, prefix: str = "", **fields):
+    files = {"audio": ("clip.wav", audio, "audio/wav")}
+    data = {"text": text, **fields}
+    return client.post(f"{prefix}/v1/align", files=files, data=data)
+
+
+def assert_problem(response, status: int, slug: str) -> dict:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/problem+json")
+    body = response.json()
+    assert body["type"] == PROBLEM_PREFIX + slug
+    assert body["status"] == status
+    assert body["title"] and body["detail"]
+    assert "Traceback" not in response.text and "File \"" not in response.text
+    return body
+
+
+def assert_well_formed(words: list[dict], duration: float) -> None:
+    for word in words:
+        assert 0.0 <= word["start"] <= word["end"] <= duration
+    for previous, current in zip(words, words[1:]):
+        assert previous["start"] <= current["start"]
+        assert previous["end"] <= current["start"]
+
+
+# -- liveness, readiness, OpenAPI ----------------------------------------------------------------
+
+
+def test_health(client):
+    response = client.get("/v1/health")
+    assert response.status_code == 200
+    assert response.json() == {"status": "ok"}
+
+
+@pytest.mark.parametrize(("prefix", "backend"), [("", "pocketsphinx"), ("/qwen3", "qwen3")])
+def test_ready_names_the_loaded_backend(client, prefix, backend):
+    response = client.get(f"{prefix}/v1/ready")
+    assert response.status_code == 200
+    body = response.json()
+    assert body["status"] == "ready"
+    assert body["backend"] == backend
+    assert body["checks"]["scanner"]["status"] == "ready"
+    assert body["checks"]["aligner"]["status"] == "ready"
+
+
+def test_openapi_is_versioned_and_documents_the_multipart_body(client):
+    spec = client.get("/v1/openapi.json").json()
+    operation = spec["paths"]["/v1/align"]["post"]
+    schema = operation["requestBody"]["content"]["multipart/form-data"]["schema"]
+    assert schema["required"] == ["audio", "text"]
+    assert {"400", "413", "415", "422", "503"} <= set(operation["responses"])
+
+
+# -- alignment with the PocketSphinx backend -----------------------------------------------------
+
+
+def test_align_json_returns_callers_words_with_accurate_times(client, eval_utterances):
+    utterance = eval_utterances[0]
+    words = utterance["transcript"].split()
+    words[0] = words[0].capitalize() + ","  # punctuation and case must come back untouched
+    words[-1] += "!"
+    response = post_align(client, eval_clip(utterance), " ".join(words), language="en-AU")
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["backend"] == "pocketsphinx"
+    assert body["language"] == "English"
+    assert body["duration"] == pytest.approx(utterance["duration"], abs=0.01)
+    assert body["id"] == response.headers["x-request-id"]
+    assert [word["text"] for word in body["words"]] == words
+    assert_well_formed(body["words"], body["duration"])
+    errors = [
+        abs(got[edge] - want[edge]) for got, want in zip(body["words"], utterance["words"]) for edge in ("start", "end")
+    ]
+    assert np.mean(errors) < 0.06  # the accuracy figure proper is measured by bench/accuracy.py
+
+
+@pytest.mark.parametrize("container", ["flac", "mp3", "ogg-opus", "m4a", "webm"])
+def test_common_containers_decode_and_align(client, eval_utterances, container):
+    utterance = eval_utterances[1]
+    samples, rate = soundfile.read(EVAL_DIR / utterance["audio"], dtype="float32")
+    response = post_align(client, encode(samples[np.newaxis, :], rate, container), utterance["transcript"])
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["duration"] == pytest.approx(utterance["duration"], abs=0.1)
+    assert len(body["words"]) == len(utterance["words"])
+
+
+@pytest.mark.parametrize(
+    ("output", "media_type", "marker"),
+    [("srt", "application/x-subrip", "1\n00:00:0"), ("vtt", "text/vtt", "WEBVTT\n\n00:00:0"), ("textgrid", "text/plain", 'name = "words"')],
+)
+def test_output_formats(client, eval_utterances, output, media_type, marker):
+    utterance = eval_utterances[2]
+    response = post_align(client, eval_clip(utterance), utterance["transcript"], format=output)
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"].startswith(media_type)
+    assert marker in response.text
+    for word in utterance["transcript"].split():
+        assert word in response.text
+
+
+# -- the Qwen3 backend (tiny random-weight checkpoint through the real qwen_asr path) --------------
+
+
+@pytest.mark.parametrize(
+    ("text", "language", "expected_words"),
+    [
+        ("Hello, wonderful world!", "English", ["Hello,", "wonderful", "world!"]),
+        ("你好，世界。", "zh", ["你", "好，", "世", "界。"]),
+        ("Guten Tag, Welt", "deu", ["Guten", "Tag,", "Welt"]),
+    ],
+)
+def test_qwen3_backend_serves_every_language(client, text, language, expected_words):
+    audio = encode(tone(3.0, 16_000), 16_000, "wav")
+    response = post_align(client, audio, text, prefix="/qwen3", language=language)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["backend"] == "qwen3"
+    assert "tiny-qwen3" in body["model"]
+    assert [word["text"] for word in body["words"]] == expected_words
+    assert_well_formed(body["words"], body["duration"])
+
+
+def test_qwen3_rejects_audio_beyond_its_reliable_range(client):
+    long_audio = silence_flac(200.0, 16_000, 1)  # within the scanner's cap, beyond qwen3's 180 s
+    response = post_align(client, long_audio, "hello there", prefix="/qwen3")
+    assert_problem(response, 422, "audio-too-long")
+
+
+def test_concurrent_requests_are_batched(client, ray_cluster):
+    from ray import serve
+
+    aligner = serve.get_deployment_handle("Aligner", app_name="qwen3")
+    before = aligner.batch_sizes.remote().result()
+    audio = encode(tone(2.0, 16_000), 16_000, "wav")
+    with concurrent.futures.ThreadPoolExecutor(max_workers=8) as pool:
+        responses = list(pool.map(lambda _: post_align(client, audio, "one two three", prefix="/qwen3"), range(8)))
+    assert all(response.status_code == 200 for response in responses)
+    after = aligner.batch_sizes.remote().result()
+    new_batches = {size: after.get(size, 0) - before.get(size, 0) for size in after}
+    assert sum(size * count for size, count in new_batches.items()) == 8
+    assert max(size for size, count in new_batches.items() if count > 0) >= 2
+
+
+# -- error paths: each answers its documented problem, and the service keeps serving ---------------
+
+
+def test_missing_fields(client):
+    response = client.post("/v1/align", files={"audio": ("a.wav", b"RIFF", "audio/wav")})
+    assert "text" in assert_problem(response, 400, "invalid-request")["detail"]
+    response = client.post("/v1/align", files={"text": (None, "hello")})
+    assert "audio" in assert_problem(response, 400, "invalid-request")["detail"]
+
+
+def test_body_must_be_multipart(client):
+    response = client.post("/v1/align", json={"text": "hello"})
+    assert_problem(response, 415, "multipart-required")
+
+
+def test_unknown_and_repeated_fields_are_refused(client):
+    response = client.post("/v1/align", files={"audio": ("a.wav", b"x", None), "text": (None, "hi"), "callback": (None, "x")})
+    assert_problem(response, 400, "invalid-request")
+    response = client.post("/v1/align", files=[("audio", ("a.wav", b"x", None)), ("audio", ("b.wav", b"y", None)), ("text", (None, "hi"))])
+    assert "more than once" in assert_problem(response, 400, "invalid-request")["detail"]
+
+
+def test_invalid_format_value(client, eval_utterances):
+    response = post_align(client, eval_clip(eval_utterances[0]), "hello", format="pdf")
+    assert_problem(response, 400, "invalid-request")
+
+
+@pytest.mark.parametrize("language", ["Klingon", "xx", "en-"])
+def test_unknown_language(client, eval_utterances, language):
+    response = post_align(client, eval_clip(eval_utterances[0]), "hello", language=language)
+    assert_problem(response, 422, "unsupported-language")
+
+
+def test_language_the_backend_cannot_align(client, eval_utterances):
+    response = post_align(client, eval_clip(eval_utterances[0]), "bonjour le monde", language="fr")
+    assert "pocketsphinx" in assert_problem(response, 422, "unsupported-language")["detail"]
+
+
+@pytest.mark.parametrize(
+    "audio",
+    [b"", b"just some text, honestly\n" * 20, bytes(np.random.default_rng(7).integers(0, 256, 4096, dtype=np.uint8))],
+    ids=["empty", "text", "random-bytes"],
+)
+def test_non_audio_uploads(client, audio):
+    assert_problem(post_align(client, audio, "hello world"), 415, "unsupported-media-type")
+
+
+def test_truncated_wav_is_undecodable_or_empty(client, eval_utterances):
+    response = post_align(client, eval_clip(eval_utterances[0])[:60], "hello world")
+    assert response.status_code == 422
+    assert response.json()["type"].removeprefix(PROBLEM_PREFIX) in ("undecodable-audio", "empty-audio")
+
+
+def test_decoded_duration_cap(client):
+    response = post_align(client, silence_flac(3600.0, 16_000, 1), "hello")
+    assert_problem(response, 422, "audio-too-long")
+
+
+@pytest.mark.parametrize(
+    ("text", "slug"),
+    [("", "invalid-transcript"), ("— …", "invalid-transcript"), ("hello \u202eworld", "invalid-transcript"), ("x" * 20_001, "transcript-too-long")],
+)
+def test_bad_transcripts(client, eval_utterances, text, slug):
+    response = post_align(client, eval_clip(eval_utterances[0]), text)
+    assert_problem(response, 422, slug)
+
+
+def test_transcript_must_be_utf8(client, eval_utterances):
+    files = {"audio": ("a.wav", eval_clip(eval_utterances[0]), "audio/wav"), "text": (None, b"caf\xe9 au lait")}
+    assert_problem(client.post("/v1/align", files=files), 422, "invalid-transcript")
+
+
+def test_implausible_transcript_for_the_audio(client):
+    audio = encode(tone(1.0, 16_000), 16_000, "wav")
+    response = post_align(client, audio, " ".join(["word"] * 500))
+    assert_problem(response, 422, "invalid-transcript")
+
+
+def test_upload_over_the_cap_is_refused_by_content_length_and_while_streaming(client, serve_url):
+    import httpx
+
+    oversized = b"\0" * (4 * 1024 * 1024 + 1)  # the test config caps bodies at 4 MiB
+    response = post_align(client, oversized, "hello")
+    assert_problem(response, 413, "payload-too-large")
+
+    def chunked():  # no Content-Length: the ingress must count while the body streams
+        boundary = b"--cap"
+        yield boundary + b'\r\nContent-Disposition: form-data; name="text"\r\n\r\nhello\r\n'
+        yield boundary + b'\r\nContent-Disposition: form-data; name="audio"; filename="a.wav"\r\n\r\n'
+        for _ in range(5):
+            yield b"\0" * (1024 * 1024)
+        yield b"\r\n--cap--\r\n"
+
+    response = httpx.post(
+        f"{serve_url}/v1/align", content=chunked(), headers={"content-type": "multipart/form-data; boundary=cap"}, timeout=60
+    )
+    assert "content-length" not in response.request.headers
+    assert_problem(response, 413, "payload-too-large")
+
+
+def test_unknown_route_and_method_are_problems(client):
+    assert_problem(client.get("/v1/nope"), 404, "not-found")
+    assert_problem(client.get("/v1/align"), 405, "method-not-allowed")
+
+
+def test_service_still_serves_after_errors(client, eval_utterances):
+    post_align(client, b"\xff\xfb\x90\x64" + bytes(2000), "hello")  # fake MP3 sync word
+    utterance = eval_utterances[3]
+    response = post_align(client, eval_clip(utterance), utterance["transcript"])
+    assert response.status_code == 200
+    assert len(response.json()["words"]) == len(utterance["words"])

@@ -13,7 +13,7 @@ Failure policy: a scanner or aligner that is down, saturated (Serve's max_queued
 slow answers 503 with Retry-After; bad input answers a 4xx problem; nothing answers a traceback.
 """
 
-from __future__ import annotations
+# No `from __future__ import annotations`: FastAPI must resolve the handlers' annotations at runtime.
 
 import asyncio
 import logging
@@ -46,6 +46,7 @@ logger = logging.getLogger("ray.serve")
 
 _SAFE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _READY_TIMEOUT_S = 5.0
+_MIN_AUDIO_SECONDS = 0.1  # shorter holds no alignable word (Qwen3's time grid is 80 ms)
 
 
 def _problem_responses(*statuses: int) -> dict:
@@ -117,6 +118,8 @@ class Ingress:
             raise Problem("unsupported-language", f"the {backend.name} backend does not align {transcript.language}")
 
         audio = await self._scan(form.audio, options)
+        if audio.duration_seconds < _MIN_AUDIO_SECONDS:
+            raise Problem("audio-too-short", f"the audio lasts {audio.duration_seconds:.3f} s; at least {_MIN_AUDIO_SECONDS} s is needed")
         if audio.duration_seconds > backend.max_audio_seconds:
             raise Problem(
                 "audio-too-long",

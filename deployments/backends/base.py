@@ -42,7 +42,7 @@ class AlignmentFailed(Exception):
     """
 
     def __init__(self, reason: str, detail: str):
-        super().__init__(detail)
+        super().__init__(reason, detail)  # both in args, so it survives pickling across replicas
         self.reason = reason
         self.detail = detail
 

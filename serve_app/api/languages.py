@@ -7,6 +7,8 @@ canonical name is what backends receive (Qwen3's `align()` takes these names).
 
 from __future__ import annotations
 
+import re
+
 LANGUAGES: dict[str, tuple[str, ...]] = {
     # canonical name: accepted codes (ISO 639-1 first)
     "Chinese": ("zh", "zho", "chi", "cmn"),
@@ -25,6 +27,7 @@ LANGUAGES: dict[str, tuple[str, ...]] = {
 # Languages written without spaces between words: every ideograph/kana is its own alignment unit.
 CHARACTER_UNIT_LANGUAGES = frozenset({"Chinese", "Cantonese", "Japanese"})
 
+_LANGUAGE_TAG = re.compile(r"^([a-z]{2,3})(-[a-z0-9]{1,8})*$")  # BCP 47 shape: primary subtag, then subtags
 _BY_ALIAS: dict[str, str] = {}
 for _name, _codes in LANGUAGES.items():
     _BY_ALIAS[_name.lower()] = _name
@@ -37,10 +40,8 @@ def canonical_language(value: str) -> str | None:
     key = value.strip().lower().replace("_", "-")
     if key in _BY_ALIAS:
         return _BY_ALIAS[key]
-    primary = key.split("-", 1)[0]
-    if primary != key and primary in _BY_ALIAS and len(primary) <= 3:
-        return _BY_ALIAS[primary]
-    return None
+    tag = _LANGUAGE_TAG.match(key)
+    return _BY_ALIAS.get(tag.group(1)) if tag else None
 
 
 def accepted_values() -> list[str]:

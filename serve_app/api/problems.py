@@ -52,12 +52,14 @@ _CATALOGUE = [
     ProblemType("undecodable-audio", 422, "The audio could not be decoded"),
     ProblemType("empty-audio", 422, "The audio contains no samples"),
     ProblemType("audio-too-long", 422, "The audio exceeds the duration limit"),
+    ProblemType("audio-too-short", 422, "The audio is too short to align"),
     ProblemType("too-many-channels", 422, "The audio has too many channels"),
     ProblemType("sample-rate-too-high", 422, "The audio's sample rate is too high"),
     ProblemType("not-single-audio-stream", 422, "The upload must hold exactly one audio stream and no video"),
     ProblemType("decode-timeout", 422, "Decoding the audio took too long"),
     # alignment
     ProblemType("no-alignment-found", 422, "The transcript could not be aligned to the audio"),
+    ProblemType("unpronounceable-unit", 422, "The transcript has a word the backend cannot pronounce"),
     # server side
     ProblemType("service-unavailable", 503, "The service is temporarily unavailable"),
     ProblemType("internal-error", 500, "Internal error"),

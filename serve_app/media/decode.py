@@ -1,0 +1,269 @@
+"""Decode untrusted audio bytes to 16 kHz mono float32, within hard limits.
+
+The demuxer chosen by `sniff_container` is forced, so FFmpeg never probes its way into another
+demuxer (HLS, concat, playlists), and every nested open is refused: the protocol whitelist is empty,
+the format whitelist names only the forced demuxer, and MOV external data references stay off.
+
+Limits are enforced as early as the information exists: channels and sample rate from the stream
+header before decoding and again on every frame (they may change mid-stream); duration from the
+header where it is exact, then counted frame by frame so decoding stops as soon as the cap is passed
+(an hour of FLAC silence is a 50 KB upload that decodes to gigabytes); wall-clock time per packet.
+Decoded audio is resampled as it streams, so memory is bounded by the output cap. A corrupt packet
+is tolerated only as the last one (a truncated upload); anywhere else the upload is refused.
+
+Every refusal is a MediaRejected with a stable reason and a client-safe detail. FFmpeg's own error
+text is dropped (it can echo the input), as is the exception chain, so nothing leaks through a
+traceback that crosses a process boundary.
+
+Cover art (an "attached picture" pseudo video stream in MP3 and M4A) is allowed and never decoded
+by us; any other video stream is refused. Subtitle, data and attachment streams are ignored.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import av
+import av.error
+import numpy as np
+
+from deployments.backends.base import SAMPLE_RATE
+from serve_app.media.errors import MediaRejected
+from serve_app.media.sniff import ALLOWED_DEMUXERS
+
+# FFmpeg guesses MP3 duration from the first frame's bitrate when there is no Xing/LAME header; a
+# VBR file can be over-estimated many times over, so its declared duration cannot reject it.
+_GUESSED_DURATION_DEMUXERS = frozenset({"mp3"})
+
+# libswresample's default downmix adds channels at -3 dB each, so in-phase stereo comes out louder
+# than either channel and loud recordings would clip; capping the matrix sum at 1 averages instead.
+_DOWNMIX_OPTIONS = {"rematrix_maxval": "1.0"}
+
+
+@dataclass(frozen=True)
+class DecodeLimits:
+    """What one upload may cost to decode."""
+
+    max_decoded_seconds: float = 600.0
+    max_channels: int = 8
+    max_sample_rate: int = 192_000
+    max_wall_seconds: float = 20.0
+
+
+@dataclass(frozen=True)
+class DecodedAudio:
+    """Audio ready for an aligner backend, and what it was decoded from."""
+
+    samples: np.ndarray  # float32, mono, SAMPLE_RATE Hz, contiguous, values in [-1, 1]
+    duration_seconds: float  # of `samples`
+    container: str  # the FFmpeg demuxer that read it
+    codec: str  # FFmpeg codec name, e.g. "aac", "flac", "pcm_s16le"
+    source_sample_rate: int  # as the stream header declares it (it may change mid-stream)
+    source_channels: int
+
+
+def container_options(demuxer: str) -> dict[str, str]:
+    """FFmpeg options that confine the demuxer to the bytes we hand it."""
+    options = {
+        # Nested opens (playlist entries, segments, references) go through FFmpeg's protocol
+        # layer; an empty whitelist refuses every protocol. Our own bytes arrive as custom I/O.
+        "protocol_whitelist": "",
+        # Only the forced demuxer may run, including inside any nested open.
+        "format_whitelist": demuxer,
+    }
+    if demuxer == "mov":
+        # Off by default; pinned so a changed default can never make FFmpeg open other files.
+        options |= {"enable_drefs": "0", "use_absolute_path": "0"}
+    return options
+
+
+def decode_audio(data: bytes, demuxer: str, limits: DecodeLimits) -> DecodedAudio:
+    """Decode `data` with the forced `demuxer` to SAMPLE_RATE mono float32.
+
+    Raises MediaRejected for anything the client sent that cannot be accepted; raises ValueError
+    only for a programming error (a demuxer that is not on the sniffing allow-list).
+    """
+    if demuxer not in ALLOWED_DEMUXERS:
+        raise ValueError(f"demuxer {demuxer!r} is not on the allow-list")
+    if not data:
+        raise _empty()
+    deadline = time.monotonic() + limits.max_wall_seconds
+    try:
+        with av.open(
+            io.BytesIO(data),
+            mode="r",
+            format=demuxer,
+            container_options=container_options(demuxer),
+            metadata_errors="ignore",  # tags are never used; badly encoded ones must not reject
+            timeout=limits.max_wall_seconds,  # FFmpeg's interrupt callback, while opening too
+        ) as container:
+            stream = _single_audio_stream(container)
+            # Read before decoding: the decoder updates them when the format changes mid-stream.
+            source_sample_rate, source_channels = stream.sample_rate, stream.channels
+            _check_format(source_channels, source_sample_rate, limits)
+            _check_declared_duration(stream, demuxer, limits)
+            chunks = _decode_resampled(container, stream, limits, deadline)
+            codec = stream.codec_context.codec.canonical_name
+    except MediaRejected:
+        raise
+    except av.error.ExitError:  # the interrupt callback fired: FFmpeg ran past the time limit
+        raise _timeout(limits) from None
+    except (av.error.FFmpegError, ValueError, OSError, EOFError, RuntimeError):
+        raise MediaRejected("undecodable-audio", "the audio could not be decoded") from None
+
+    samples = _assemble(chunks)
+    return DecodedAudio(
+        samples=samples,
+        duration_seconds=samples.size / SAMPLE_RATE,
+        container=demuxer,
+        codec=codec,
+        source_sample_rate=source_sample_rate,
+        source_channels=source_channels,
+    )
+
+
+def _single_audio_stream(container: av.container.InputContainer) -> av.AudioStream:
+    audio_streams = list(container.streams.audio)
+    playable_video = [
+        stream
+        for stream in container.streams.video
+        if not stream.disposition & av.stream.Disposition.attached_pic
+    ]
+    if len(audio_streams) != 1 or playable_video:
+        raise MediaRejected(
+            "not-single-audio-stream",
+            "the upload must contain exactly one audio stream and no video",
+        )
+    if audio_streams[0].codec_context is None:  # FFmpeg knows the codec but has no decoder for it
+        raise MediaRejected("undecodable-audio", "the audio codec is not supported")
+    return audio_streams[0]
+
+
+def _check_format(channels: int, sample_rate: int, limits: DecodeLimits) -> None:
+    if channels > limits.max_channels:
+        raise MediaRejected(
+            "too-many-channels", f"the audio has more than {limits.max_channels} channels"
+        )
+    if sample_rate > limits.max_sample_rate:
+        raise MediaRejected(
+            "sample-rate-too-high", f"the sample rate is above {limits.max_sample_rate} Hz"
+        )
+
+
+def _check_declared_duration(stream: av.AudioStream, demuxer: str, limits: DecodeLimits) -> None:
+    """Refuse before decoding when the header itself claims too much audio.
+
+    A header that understates its length gains nothing: decoding counts the real duration.
+    """
+    if demuxer in _GUESSED_DURATION_DEMUXERS or not stream.duration or not stream.time_base:
+        return
+    if float(stream.duration * stream.time_base) > limits.max_decoded_seconds:
+        raise _too_long(limits)
+
+
+def _decode_resampled(
+    container: av.container.InputContainer,
+    stream: av.AudioStream,
+    limits: DecodeLimits,
+    deadline: float,
+) -> list[np.ndarray]:
+    resampler = _MonoResampler()
+    chunks: list[np.ndarray] = []
+    decoded_seconds = 0.0
+    for frame in _decoded_frames(container, stream, limits, deadline):
+        if frame.sample_rate <= 0:
+            raise MediaRejected("undecodable-audio", "the audio could not be decoded")
+        _check_format(frame.layout.nb_channels, frame.sample_rate, limits)
+        decoded_seconds += frame.samples / frame.sample_rate
+        if decoded_seconds > limits.max_decoded_seconds:
+            raise _too_long(limits)
+        chunks.extend(resampler.push(frame))
+    chunks.extend(resampler.flush())
+    return chunks
+
+
+def _decoded_frames(
+    container: av.container.InputContainer,
+    stream: av.AudioStream,
+    limits: DecodeLimits,
+    deadline: float,
+) -> Iterator[av.AudioFrame]:
+    """Decode packet by packet, checking the clock before each.
+
+    A packet that fails to decode is forgiven only at the very end, where an upload cut off
+    mid-frame leaves one. Corruption followed by more audio is refused: skipping it would shift
+    every later timestamp.
+    """
+    corrupt_packet_seen = False
+    for packet in container.demux(stream):
+        if time.monotonic() > deadline:
+            raise _timeout(limits)
+        try:
+            frames = packet.decode()
+        except av.error.InvalidDataError:
+            corrupt_packet_seen = True
+            continue
+        if frames and corrupt_packet_seen:
+            raise MediaRejected("undecodable-audio", "the audio is corrupt part-way through")
+        yield from frames
+
+
+class _MonoResampler:
+    """Streams frames to SAMPLE_RATE mono float32, starting afresh whenever the input changes.
+
+    PyAV's AudioResampler is fixed to its first frame's format (and, when that already matches the
+    output, passes later frames through unconverted), so a mid-stream change needs a new one.
+    """
+
+    def __init__(self) -> None:
+        self._resampler: av.AudioResampler | None = None
+        self._input_format: tuple[str, str, int] | None = None
+
+    def push(self, frame: av.AudioFrame) -> list[np.ndarray]:
+        input_format = (frame.format.name, frame.layout.name, frame.sample_rate)
+        chunks: list[np.ndarray] = []
+        if input_format != self._input_format:
+            chunks = self.flush()
+            self._resampler = av.AudioResampler(
+                format="flt", layout="mono", rate=SAMPLE_RATE, options=_DOWNMIX_OPTIONS
+            )
+            self._input_format = input_format
+        return chunks + _mono_arrays(self._resampler.resample(frame))
+
+    def flush(self) -> list[np.ndarray]:
+        return _mono_arrays(self._resampler.resample(None)) if self._resampler else []
+
+
+def _mono_arrays(frames: list[av.AudioFrame | None]) -> list[np.ndarray]:
+    # A passthrough resampler answers a flush with [None].
+    return [frame.to_ndarray()[0] for frame in frames if frame is not None and frame.samples]
+
+
+def _assemble(chunks: list[np.ndarray]) -> np.ndarray:
+    """Join the chunks once, refuse non-finite samples, and clip resampler overshoot to [-1, 1]."""
+    if not chunks:
+        raise _empty()
+    samples = np.concatenate(chunks)  # a new contiguous float32 array, safe to modify in place
+    if not np.isfinite(samples).all():
+        raise MediaRejected("undecodable-audio", "the audio contains invalid (non-finite) samples")
+    np.clip(samples, -1.0, 1.0, out=samples)
+    return samples
+
+
+def _empty() -> MediaRejected:
+    return MediaRejected("empty-audio", "the upload contains no audio samples")
+
+
+def _too_long(limits: DecodeLimits) -> MediaRejected:
+    return MediaRejected(
+        "audio-too-long", f"decoded audio exceeds the {limits.max_decoded_seconds:g} s limit"
+    )
+
+
+def _timeout(limits: DecodeLimits) -> MediaRejected:
+    return MediaRejected(
+        "decode-timeout", f"decoding took longer than the {limits.max_wall_seconds:g} s limit"
+    )

@@ -1,0 +1,90 @@
+"""Start one local Ray cluster and deploy applications from configs/serve.yaml (tests and bench/).
+
+The applications are deployed with the same controller call `serve run configs/serve.yaml` makes
+(`ray.serve.scripts.run` -> `deploy_apps`), so the YAML's deployment options are what runs.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import socket
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import yaml
+
+# Decide Ray's environment before it is imported anywhere (same choices as the Makefile).
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+ROOT = Path(__file__).resolve().parents[2]
+SERVE_YAML = ROOT / "configs" / "serve.yaml"
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def start_ray(num_cpus: int = 4) -> None:
+    import ray
+
+    temp_dir = tempfile.mkdtemp(prefix="ray-t-", dir="/tmp")  # short: Ray's socket paths are length-limited
+    ray.init(
+        address="local",
+        num_cpus=num_cpus,  # logical: replicas ask for fractions of the 2 real cores
+        include_dashboard=False,
+        object_store_memory=256 * 1024 * 1024,
+        _temp_dir=temp_dir,
+        logging_level="ERROR",
+    )
+
+
+def application_from_yaml(name: str, route_prefix: str, edit: Callable[[dict], None] | None = None) -> dict:
+    """The application of configs/serve.yaml, renamed, re-routed and optionally edited."""
+    (base,) = yaml.safe_load(SERVE_YAML.read_text())["applications"]
+    app = copy.deepcopy(base)
+    app.update(name=name, route_prefix=route_prefix)
+    if edit is not None:
+        edit(app)
+    return app
+
+
+def deployment_of(app: dict, name: str) -> dict:
+    return next(deployment for deployment in app["deployments"] if deployment["name"] == name)
+
+
+def start_serve(applications: list[dict], timeout_s: float = 240) -> str:
+    """Start Serve on a free loopback port, deploy `applications`, wait until all run; return the URL."""
+    from ray import serve
+    from ray.serve.context import _get_global_client
+    from ray.serve.schema import ServeDeploySchema
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    schema = ServeDeploySchema(applications=applications)
+    _get_global_client().deploy_apps(schema, _blocking=False)
+    _wait_running({app.name for app in schema.applications}, timeout_s)
+    return f"http://127.0.0.1:{port}"
+
+
+def _wait_running(names: set[str], timeout_s: float) -> None:
+    from ray import serve
+
+    deadline = time.monotonic() + timeout_s
+    states: dict[str, str] = {}
+    while time.monotonic() < deadline:
+        statuses = {name: serve.status().applications.get(name) for name in names}
+        states = {name: status.status if status else "MISSING" for name, status in statuses.items()}
+        if all(state == "RUNNING" for state in states.values()):
+            return
+        failed = {name: statuses[name].message for name, state in states.items() if state == "DEPLOY_FAILED"}
+        if failed:
+            raise RuntimeError(f"deploy failed: {failed}")
+        time.sleep(1)
+    raise TimeoutError(f"applications not running after {timeout_s} s: {states}")

@@ -1,0 +1,373 @@
+"""Sniffing and bounded decoding of untrusted uploads (serve_app.media), on audio generated here."""
+
+from __future__ import annotations
+
+import io
+import json
+import pickle
+import subprocess
+import sys
+import wave
+import zipfile
+from pathlib import Path
+
+import av
+import av.error
+import numpy as np
+import pytest
+
+from deployments.backends.base import SAMPLE_RATE
+from serve_app.media import (
+    DecodedAudio,
+    DecodeLimits,
+    MediaRejected,
+    decode_audio,
+    sniff_container,
+)
+from serve_app.media.decode import container_options
+from tests.support.audio import CONTAINERS, encode, png_image, silence_flac, tone, with_cover_art
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+TONE_HZ = 440.0
+# One codec frame at the coarsest framing used here (AAC: 1024 samples at 16 kHz); bare MP3 is
+# left out of the duration checks because without a LAME header its encoder delay is not trimmed.
+DURATION_TOLERANCE_SECONDS = 1024 / 16_000
+
+EXPECTED_DEMUXER = {
+    "wav": "wav",
+    "wav-float": "wav",
+    "flac": "flac",
+    "mp3": "mp3",
+    "mp3-bare": "mp3",
+    "ogg-opus": "ogg",
+    "ogg-vorbis": "ogg",
+    "m4a": "mov",
+    "mp4": "mov",
+    "mov": "mov",
+    "3gp": "mov",
+    "webm": "matroska",
+    "mkv": "matroska",
+    "aiff": "aiff",
+}
+ROUND_TRIP_CONTAINERS = [name for name in CONTAINERS if name != "mp3-bare"]
+
+
+def _sniff_and_decode(data: bytes, limits: DecodeLimits = DecodeLimits()) -> DecodedAudio:
+    return decode_audio(data, sniff_container(data), limits)
+
+
+def _rejection(data: bytes, limits: DecodeLimits = DecodeLimits()) -> MediaRejected:
+    with pytest.raises(MediaRejected) as caught:
+        _sniff_and_decode(data, limits)
+    return caught.value
+
+
+def _dominant_frequency(samples: np.ndarray) -> float:
+    spectrum = np.abs(np.fft.rfft(samples))
+    return float(np.argmax(spectrum)) * SAMPLE_RATE / samples.size
+
+
+def _rms(samples: np.ndarray) -> float:
+    return float(np.sqrt(np.mean(np.square(samples, dtype=np.float64))))
+
+
+# --- sniffing ---------------------------------------------------------------------------------
+
+
+def test_every_test_container_sniffs_to_its_demuxer():
+    assert set(EXPECTED_DEMUXER) == set(CONTAINERS)
+    for name in CONTAINERS:
+        upload = encode(tone(0.5, 16_000), 16_000, name)
+        assert sniff_container(upload) == EXPECTED_DEMUXER[name], name
+
+
+def _zip_archive() -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr("speech.wav", b"not really audio")
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    "upload",
+    [
+        pytest.param(b"", id="empty"),
+        pytest.param("a transcript, not audio\n".encode() * 20, id="text"),
+        pytest.param(np.random.default_rng(7).bytes(4096), id="random-bytes"),
+        pytest.param(_zip_archive(), id="zip"),
+        pytest.param(png_image(16), id="png"),
+        pytest.param(
+            b"#EXTM3U\n#EXTINF:1,\nfile:///etc/passwd\n#EXT-X-ENDLIST\n", id="hls-playlist"
+        ),
+        pytest.param(b"ffconcat version 1.0\nfile /etc/passwd\n", id="ffconcat"),
+    ],
+)
+def test_sniff_rejects_what_is_not_allowed_audio(upload: bytes):
+    with pytest.raises(MediaRejected) as caught:
+        sniff_container(upload)
+    assert caught.value.reason == "unsupported-media-type"
+
+
+# --- decoding each container ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "rate, channels", [(16_000, 1), (48_000, 2)], ids=["16k-mono", "48k-stereo"]
+)
+@pytest.mark.parametrize("container", ROUND_TRIP_CONTAINERS)
+def test_container_decodes_to_16k_mono_float32(container: str, rate: int, channels: int):
+    seconds = 3.0
+    decoded = _sniff_and_decode(encode(tone(seconds, rate, channels, TONE_HZ), rate, container))
+
+    assert decoded.samples.dtype == np.float32
+    assert decoded.samples.ndim == 1 and decoded.samples.flags.c_contiguous
+    assert decoded.duration_seconds == decoded.samples.size / SAMPLE_RATE
+    assert abs(decoded.duration_seconds - seconds) <= DURATION_TOLERANCE_SECONDS
+    assert abs(_dominant_frequency(decoded.samples) - TONE_HZ) < 2.0
+    assert _rms(decoded.samples) > 0.2  # the tone, not silence (RMS of the source is 0.35)
+    assert decoded.container == EXPECTED_DEMUXER[container]
+    encoder_rate = 48_000 if CONTAINERS[container].codec == "libopus" else rate  # Opus is 48 kHz
+    assert decoded.source_sample_rate == encoder_rate
+    assert decoded.source_channels == (2 if container == "ogg-vorbis" else channels)  # stereo-only
+
+
+def test_stereo_is_averaged_not_summed():
+    mono = _sniff_and_decode(encode(tone(2.0, 48_000, 1), 48_000, "flac"))
+    stereo = _sniff_and_decode(encode(tone(2.0, 48_000, 2), 48_000, "flac"))
+    assert stereo.source_channels == 2
+    assert _rms(stereo.samples) == pytest.approx(_rms(mono.samples), rel=0.01)
+
+
+def test_codec_is_reported_by_its_codec_name():
+    assert _sniff_and_decode(encode(tone(1.0, 16_000), 16_000, "m4a")).codec == "aac"
+    assert _sniff_and_decode(encode(tone(1.0, 16_000), 16_000, "mp3")).codec == "mp3"
+
+
+# FFmpeg reads about 5 s while opening a stream; a change after that is seen only while decoding.
+SECONDS_BEFORE_FORMAT_CHANGE = 6.0
+
+
+def _format_change(first_rate: int, first_channels: int, rate: int, channels: int) -> bytes:
+    """Bare MPEG streams concatenate, as a stream rip does, changing format mid-stream."""
+    before = tone(SECONDS_BEFORE_FORMAT_CHANGE, first_rate, first_channels)
+    after = tone(1.0, rate, channels)
+    return encode(before, first_rate, "mp3-bare") + encode(after, rate, "mp3-bare")
+
+
+def test_format_change_mid_stream_is_resampled_too():
+    decoded = _sniff_and_decode(_format_change(16_000, 1, 48_000, 2))
+    assert decoded.source_sample_rate == 16_000 and decoded.source_channels == 1
+    expected_seconds = SECONDS_BEFORE_FORMAT_CHANGE + 1.0
+    assert decoded.duration_seconds == pytest.approx(expected_seconds, abs=0.25)  # encoder delays
+    assert abs(_dominant_frequency(decoded.samples) - TONE_HZ) < 2.0
+
+
+def test_out_of_range_float_samples_are_clipped():
+    decoded = _sniff_and_decode(encode(3.0 * tone(1.0, 16_000), 16_000, "wav-float"))
+    assert decoded.samples.max() <= 1.0 and decoded.samples.min() >= -1.0
+    assert decoded.samples.max() == 1.0
+
+
+def test_non_finite_float_samples_are_refused():
+    samples = tone(1.0, 16_000)
+    samples[0, 1000] = np.nan
+    assert _rejection(encode(samples, 16_000, "wav-float")).reason == "undecodable-audio"
+
+
+# --- stream rules -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "container, video_codec", [("mp4", "mpeg4"), ("webm", "libvpx"), ("mov", "mpeg4")]
+)
+def test_video_stream_is_refused(container: str, video_codec: str):
+    upload = encode(tone(1.0, 16_000), 16_000, container, video_codec=video_codec)
+    assert _rejection(upload).reason == "not-single-audio-stream"
+
+
+def test_two_audio_streams_are_refused():
+    upload = encode(tone(1.0, 16_000), 16_000, "mkv", audio_streams=2)
+    assert _rejection(upload).reason == "not-single-audio-stream"
+
+
+def test_mp3_cover_art_is_allowed_and_ignored():
+    upload = with_cover_art(encode(tone(2.0, 16_000), 16_000, "mp3"))
+    with av.open(io.BytesIO(upload), format="mp3") as container:  # the picture really is a stream
+        assert any(stream.type == "video" for stream in container.streams)
+    decoded = _sniff_and_decode(upload)
+    assert abs(decoded.duration_seconds - 2.0) <= DURATION_TOLERANCE_SECONDS
+
+
+# --- limits -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "rate, channels", [(16_000, 1), (192_000, 8)], ids=["16k-mono", "192k-7.1"]
+)
+def test_hour_of_silence_is_refused_from_its_header(rate: int, channels: int):
+    # The header's length refuses it before decoding; decoding 600 s of 192 kHz 7.1 up to the cap
+    # would take seconds and end in decode-timeout under this clock limit.
+    rejection = _rejection(silence_flac(3600, rate, channels), DecodeLimits(max_wall_seconds=0.5))
+    assert rejection.reason == "audio-too-long"
+    assert "600 s" in rejection.detail
+
+
+_PEAK_RSS_SCRIPT = """
+import json, resource
+from serve_app.media import DecodeLimits, MediaRejected, decode_audio
+from tests.support.audio import silence_flac
+
+bomb = silence_flac(3600, 16_000, 1, declare_length=False)
+before_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+try:
+    decode_audio(bomb, "flac", DecodeLimits(max_decoded_seconds=600))
+    reason = None
+except MediaRejected as rejection:
+    reason = rejection.reason
+growth_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before_kib
+print(json.dumps({"reason": reason, "growth_mib": growth_kib / 1024}))
+"""
+
+
+def test_hour_of_silence_without_length_is_stopped_at_the_cap_with_bounded_memory():
+    # A fresh process, so its peak RSS reflects this decode alone. Decoding the whole hour would
+    # need at least 115 MiB (int16) plus 230 MiB (float32 output); stopping at 600 s keeps ~38 MiB.
+    completed = subprocess.run(
+        [sys.executable, "-c", _PEAK_RSS_SCRIPT],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    )
+    result = json.loads(completed.stdout)
+    assert result["reason"] == "audio-too-long"
+    assert result["growth_mib"] < 100
+
+
+def test_duration_is_counted_while_decoding_when_the_header_cannot_be_trusted():
+    # MP3's declared duration is ignored (it may be a bitrate guess), so only counting stops it.
+    upload = encode(tone(5.0, 16_000), 16_000, "mp3")
+    assert _rejection(upload, DecodeLimits(max_decoded_seconds=2)).reason == "audio-too-long"
+
+
+def test_too_many_channels_refused_before_decoding():
+    upload = encode(tone(0.5, 16_000, 16), 16_000, "wav")
+    rejection = _rejection(upload, DecodeLimits(max_channels=8))
+    assert rejection.reason == "too-many-channels"
+    assert "8 channels" in rejection.detail
+
+
+def test_sample_rate_above_cap_refused():
+    upload = encode(tone(0.5, 96_000), 96_000, "wav")
+    assert _rejection(upload, DecodeLimits(max_sample_rate=48_000)).reason == "sample-rate-too-high"
+
+
+def test_channel_count_rising_mid_stream_is_refused():
+    upload = _format_change(16_000, 1, 16_000, 2)
+    assert _rejection(upload, DecodeLimits(max_channels=1)).reason == "too-many-channels"
+
+
+def test_sample_rate_rising_mid_stream_is_refused():
+    upload = _format_change(16_000, 1, 48_000, 1)
+    assert _rejection(upload, DecodeLimits(max_sample_rate=24_000)).reason == "sample-rate-too-high"
+
+
+def test_wall_clock_limit_stops_a_long_decode():
+    # An hour of 192 kHz 7.1 takes seconds to decode and resample; the cap on duration is lifted
+    # so only the clock can stop it.
+    upload = silence_flac(3600, 192_000, 8, declare_length=False)
+    limits = DecodeLimits(max_decoded_seconds=7200, max_wall_seconds=0.1)
+    assert _rejection(upload, limits).reason == "decode-timeout"
+
+
+# --- broken and empty input -------------------------------------------------------------------
+
+
+def test_wav_cut_inside_its_header_is_undecodable():
+    upload = encode(tone(2.0, 16_000), 16_000, "wav")[:30]
+    assert sniff_container(upload) == "wav"
+    assert _rejection(upload).reason == "undecodable-audio"
+
+
+@pytest.mark.parametrize("container", ["wav", "flac"])
+def test_upload_cut_mid_audio_decodes_what_is_there(container: str):
+    upload = encode(tone(4.0, 16_000), 16_000, container)
+    decoded = _sniff_and_decode(upload[: len(upload) // 2])
+    assert 1.0 < decoded.duration_seconds < 3.0
+
+
+def test_mp4_cut_before_its_index_is_undecodable():
+    upload = encode(tone(4.0, 16_000), 16_000, "m4a")  # PyAV writes the moov index at the end
+    assert _rejection(upload[: len(upload) // 2]).reason == "undecodable-audio"
+
+
+def test_corruption_followed_by_more_audio_is_refused():
+    # The second file's ID3 tag fails to decode, then its audio decodes again.
+    upload = encode(tone(1.0, 16_000), 16_000, "mp3") + encode(tone(1.0, 16_000), 16_000, "mp3")
+    assert _rejection(upload).reason == "undecodable-audio"
+
+
+def test_wav_without_samples_is_empty_audio():
+    buffer = io.BytesIO()
+    with wave.open(buffer, "wb") as writer:
+        writer.setnchannels(1)
+        writer.setsampwidth(2)
+        writer.setframerate(16_000)
+    assert _rejection(buffer.getvalue()).reason == "empty-audio"
+
+
+def test_empty_bytes_are_empty_audio():
+    with pytest.raises(MediaRejected) as caught:
+        decode_audio(b"", "wav", DecodeLimits())
+    assert caught.value.reason == "empty-audio"
+
+
+def test_undecodable_detail_is_generic_and_hides_ffmpeg():
+    upload = b"RIFF\x24\x00\x00\x00WAVEfmt " + np.random.default_rng(3).bytes(64)
+    with pytest.raises(MediaRejected) as caught:
+        decode_audio(upload, "wav", DecodeLimits())
+    rejection = caught.value
+    assert rejection.reason == "undecodable-audio"
+    assert rejection.detail == "the audio could not be decoded"
+    assert rejection.__cause__ is None and rejection.__suppress_context__
+
+
+def test_rejection_survives_pickling():
+    # Ray carries exceptions between processes by pickling them.
+    copy = pickle.loads(pickle.dumps(MediaRejected("audio-too-long", "too long")))
+    assert (copy.reason, copy.detail) == ("audio-too-long", "too long")
+
+
+def test_demuxer_outside_allow_list_is_a_programming_error():
+    with pytest.raises(ValueError):
+        decode_audio(b"#EXTM3U\n", "hls", DecodeLimits())
+
+
+# --- FFmpeg confinement -----------------------------------------------------------------------
+
+
+def test_container_options_stop_ffmpeg_following_a_playlist(tmp_path: Path):
+    segment = tmp_path / "segment.mp3"
+    segment.write_bytes(encode(tone(1.0, 16_000), 16_000, "mp3"))
+    playlist = f"#EXTM3U\n#EXT-X-TARGETDURATION:2\n#EXTINF:1.0,\nfile://{segment}\n#EXT-X-ENDLIST\n"
+
+    # Control: without the options FFmpeg's HLS demuxer reads the local file.
+    with av.open(io.BytesIO(playlist.encode()), format="hls") as container:
+        assert sum(len(packet.decode()) for packet in container.demux(audio=0)) > 0
+
+    with pytest.raises(av.error.FFmpegError):
+        with av.open(
+            io.BytesIO(playlist.encode()), format="hls", container_options=container_options("hls")
+        ) as container:
+            list(container.demux(audio=0))
+
+
+@pytest.mark.parametrize("option", ["enable_drefs", "use_absolute_path"])
+def test_mov_reference_options_are_real_ffmpeg_options(option: str):
+    # FFmpeg silently ignores unknown option names; an invalid value for a known one is an error.
+    # So this proves the names we pin to "0" are ones the MOV demuxer actually reads.
+    assert container_options("mov")[option] == "0"
+    upload = encode(tone(0.5, 16_000), 16_000, "m4a")
+    with pytest.raises(av.error.FFmpegError):
+        av.open(io.BytesIO(upload), format="mov", container_options={option: "not-a-boolean"})

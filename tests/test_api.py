@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import soundfile
 
-from tests.conftest import EVAL_DIR
+from tests.conftest import EVAL_DIR, TEST_MAX_UPLOAD_BYTES
 from tests.support.audio import encode, silence_flac, tone
 
 PROBLEM_PREFIX = "urn:forced-aligner:problem:"
@@ -242,7 +242,7 @@ def test_implausible_transcript_for_the_audio(client):
 def test_upload_over_the_cap_is_refused_by_content_length_and_while_streaming(client, serve_url):
     import httpx
 
-    oversized = b"\0" * (4 * 1024 * 1024 + 1)  # the test config caps bodies at 4 MiB
+    oversized = b"\0" * (TEST_MAX_UPLOAD_BYTES + 1)
     response = post_align(client, oversized, "hello")
     assert_problem(response, 413, "payload-too-large")
 
@@ -250,7 +250,7 @@ def test_upload_over_the_cap_is_refused_by_content_length_and_while_streaming(cl
         boundary = b"--cap"
         yield boundary + b'\r\nContent-Disposition: form-data; name="text"\r\n\r\nhello\r\n'
         yield boundary + b'\r\nContent-Disposition: form-data; name="audio"; filename="a.wav"\r\n\r\n'
-        for _ in range(5):
+        for _ in range(TEST_MAX_UPLOAD_BYTES // (1024 * 1024) + 1):
             yield b"\0" * (1024 * 1024)
         yield b"\r\n--cap--\r\n"
 

@@ -4,7 +4,9 @@
   needs a redeploy to change: which aligner backend, which model, on which device.
 - `IngressOptions`, `ScannerOptions`, `AlignerOptions`: each deployment's `user_config`. Live knobs
   (caps, batch size) applied by `reconfigure()` without restarting replicas.
-- Secrets come from the process environment only (added with authentication); never from the YAML.
+- `Environment`: where the service's dependencies are and the secrets, read from the process
+  environment once (`Environment.from_env()`); never from the YAML, never logged. This module is
+  the only one that reads the environment.
 
 Every model forbids unknown keys, so a typo in the YAML fails the deploy instead of silently
 falling back to a default.
@@ -12,9 +14,11 @@ falling back to a default.
 
 from __future__ import annotations
 
-from typing import Literal
+import os
+from pathlib import Path
+from typing import Literal, Mapping
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from serve_app.api.languages import canonical_language
 
@@ -39,8 +43,66 @@ class GraphArgs(_Strict):
     )
 
 
+class Plan(_Strict):
+    """A rate-limit plan: token buckets for requests and for decoded audio seconds."""
+
+    requests_burst: int = Field(60, ge=1, description="Request bucket capacity.")
+    requests_per_minute: float = Field(60.0, gt=0, description="Request bucket refill.")
+    audio_seconds_burst: float = Field(1800.0, gt=0, description="Audio-seconds bucket capacity.")
+    audio_seconds_per_hour: float = Field(3600.0, gt=0, description="Audio-seconds bucket refill.")
+    priority: int = Field(0, ge=0, le=10, description="Under load, lower priorities are shed first.")
+
+
+def _default_plans() -> dict[str, Plan]:
+    return {
+        "standard": Plan(),
+        "premium": Plan(requests_burst=300, requests_per_minute=600, audio_seconds_burst=18000, audio_seconds_per_hour=36000, priority=5),
+    }
+
+
+class OAuthIssuer(_Strict):
+    """One trusted OAuth2 authorization server issuing RFC 9068 JWT access tokens."""
+
+    issuer: str = Field(description="Exact `iss` value; also the base for RFC 8414 / OIDC discovery.")
+    audience: str = Field(description="Our resource identifier: tokens' `aud` must contain it.")
+    jwks_uri: str | None = Field(None, description="Skips discovery when set.")
+    algorithms: list[Literal["RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"]] = ["RS256"]
+    require_at_jwt_typ: bool = Field(True, description="Reject tokens whose `typ` is not at+jwt (switch off for issuers that omit it).")
+    plan_by_client: dict[str, str] = Field(default_factory=dict, description="client_id -> plan name.")
+    default_plan: str = "standard"
+    introspection_endpoint: str | None = Field(None, description="RFC 7662, for opaque (non-JWT) tokens.")
+    introspection_client_id: str | None = None  # its secret: ALIGNER_INTROSPECTION_CLIENT_SECRET
+
+
+class OAuthOptions(_Strict):
+    issuers: list[OAuthIssuer] = Field(default_factory=list)
+    leeway_s: int = Field(30, ge=0, le=300, description="Clock skew allowed on exp/nbf/iat.")
+    jwks_min_cache_s: float = Field(60, ge=0, description="Lower bound on honouring Cache-Control.")
+    jwks_max_cache_s: float = Field(3600, gt=0, description="Upper bound on honouring Cache-Control.")
+    jwks_refetch_interval_s: float = Field(30, ge=0, description="Unknown kid: re-fetch at most this often.")
+    http_timeout_s: float = Field(3.0, gt=0)
+
+
+class RateLimitOptions(_Strict):
+    fail_open: bool = Field(True, description="Redis down: admit (counted) rather than refuse.")
+    pre_auth_burst: int = Field(120, ge=1, description="Per client IP, before credentials are checked.")
+    pre_auth_per_minute: float = Field(600, gt=0)
+    local_max_concurrency: int = Field(16, ge=1, description="Per ingress replica; never depends on Redis.")
+
+
+class AbuseOptions(_Strict):
+    window_s: int = Field(60, ge=1)
+    max_auth_failures: int = Field(20, ge=1)
+    max_rejected_uploads: int = Field(20, ge=1)
+    max_malware_hits: int = Field(1, ge=1)
+    max_rate_limit_hits: int = Field(100, ge=1)
+    ban_s: int = Field(300, ge=1, description="First ban; each repeat doubles it.")
+    max_ban_s: int = Field(86400, ge=1)
+    allow_networks: list[str] = Field(default_factory=lambda: ["127.0.0.0/8", "::1/128"])
+
+
 class IngressOptions(_Strict):
-    """Live knobs of the ingress: what a request may contain and how long we wait downstream."""
+    """Live knobs of the ingress: what a request may contain, who may call, how often."""
 
     max_upload_bytes: int = Field(25 * 1024 * 1024, gt=0, description="Whole multipart body.")
     max_transcript_chars: int = Field(20_000, gt=0)
@@ -49,6 +111,12 @@ class IngressOptions(_Strict):
     scan_timeout_s: float = Field(30.0, gt=0)
     align_timeout_s: float = Field(120.0, gt=0)
     retry_after_s: int = Field(5, ge=1, description="Retry-After sent with 503 answers.")
+    api_key_cache_s: float = Field(5.0, ge=0, le=60, description="Bound on how long a revoked key keeps working.")
+    trusted_proxies: list[str] = Field(default_factory=list, description="Peers whose X-Forwarded-For is believed.")
+    plans: dict[str, Plan] = Field(default_factory=_default_plans)
+    oauth: OAuthOptions = Field(default_factory=OAuthOptions)
+    rate_limits: RateLimitOptions = Field(default_factory=RateLimitOptions)
+    abuse: AbuseOptions = Field(default_factory=AbuseOptions)
 
     @field_validator("default_language")
     @classmethod
@@ -57,6 +125,15 @@ class IngressOptions(_Strict):
         if canonical is None:
             raise ValueError(f"unsupported default_language {value!r}")
         return canonical
+
+    @model_validator(mode="after")
+    def _plans_exist(self) -> "IngressOptions":
+        named = {issuer.default_plan for issuer in self.oauth.issuers}
+        named |= {plan for issuer in self.oauth.issuers for plan in issuer.plan_by_client.values()}
+        missing = named - set(self.plans)
+        if missing or "standard" not in self.plans:
+            raise ValueError(f"unknown plan(s): {sorted(missing or {'standard'})}")
+        return self
 
 
 class ScannerOptions(_Strict):
@@ -74,3 +151,29 @@ class AlignerOptions(_Strict):
     max_batch_size: int = Field(8, ge=1, le=64)
     batch_wait_timeout_s: float = Field(0.05, ge=0, le=5)
 
+
+
+class Environment(_Strict):
+    """Dependencies' addresses and secrets, from the process environment (never from YAML)."""
+
+    redis_url: SecretStr  # may embed a password
+    clamd_address: str  # unix:///path/to/clamd.sock or tcp://host:port
+    api_key_pepper: SecretStr | None
+    introspection_client_secret: SecretStr | None
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] = os.environ) -> "Environment":
+        return cls(
+            redis_url=environ.get("ALIGNER_REDIS_URL", "redis://127.0.0.1:6380/0"),
+            clamd_address=environ.get("ALIGNER_CLAMD_ADDRESS", "unix:///run/clamav/clamd.ctl"),
+            api_key_pepper=_secret(environ, "ALIGNER_API_KEY_PEPPER"),
+            introspection_client_secret=_secret(environ, "ALIGNER_INTROSPECTION_CLIENT_SECRET"),
+        )
+
+
+def _secret(environ: Mapping[str, str], name: str) -> str | None:
+    """`NAME` itself, or the contents of the file named by `NAME_FILE` (Kubernetes/Docker secrets)."""
+    if environ.get(name):
+        return environ[name]
+    path = environ.get(f"{name}_FILE")
+    return Path(path).read_text().strip() if path else None

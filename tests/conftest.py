@@ -16,6 +16,7 @@ import httpx
 import pytest
 
 from tests.support.cluster import ROOT, application_from_yaml, deployment_of, start_ray, start_serve
+from tools.local_services import ClamdServer, RedisServer
 
 EVAL_DIR = ROOT.parent / "shared" / "eval" / "emuR_ae"
 TEST_MAX_UPLOAD_BYTES = 4 * 1024 * 1024  # small, so the 413 tests stay quick
@@ -33,9 +34,30 @@ def _test_applications(tiny_checkpoint: Path) -> list[dict]:
 
 
 @pytest.fixture(scope="session")
-def ray_cluster():
+def redis_server(tmp_path_factory) -> RedisServer:
+    """A real redis-server for the session; tests that stop it must start it again."""
+    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def clamd_server(tmp_path_factory) -> ClamdServer:
+    """A real clamd with the generated test signatures (EICAR, project marker)."""
+    server = ClamdServer(tmp_path_factory.mktemp("clamd")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(redis_server, clamd_server):
+    import os
+
     import ray
 
+    # Replicas inherit the environment Ray starts with: point them at this session's services.
+    os.environ["ALIGNER_REDIS_URL"] = redis_server.url
+    os.environ["ALIGNER_CLAMD_ADDRESS"] = f"unix://{clamd_server.socket_path}"
     start_ray()
     yield ray
     ray.shutdown()

@@ -1,0 +1,196 @@
+"""Real Redis and clamd on loopback, for `make serve` and the tests (never mocks).
+
+    python -m tools.local_services start var/services   # daemons for `make serve`; prints env lines
+    python -m tools.local_services stop var/services
+
+clamd gets a small signature database generated here: the EICAR test signature (assembled at run
+time, so no file in the repo trips a scanner) and a project marker signature the hostile-input tests
+embed in audio. Production uses freshclam's official database instead (README, "Malware scanning").
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# EICAR's standard test string, in two halves so this file is not itself a detection.
+_EICAR_HEAD = r"X5O!P%@AP[4\PZX54(P^)7CC)7}$"
+_EICAR_TAIL = r"EICAR-STANDARD-ANTIVIRUS-TEST-FILE!$H+H*"
+# A project-specific marker: any upload containing it is "malware" for the tests.
+MARKER = b"FORCED-ALIGNER-TEST-MARKER-" + b"7d41c0e2"
+MARKER_SIGNATURE = "ForcedAligner.Test.Marker"
+EICAR_SIGNATURE = "Eicar-Test-Signature"
+
+
+def eicar() -> bytes:
+    return (_EICAR_HEAD + _EICAR_TAIL).encode("ascii")
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _wait_until(ready, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if ready():
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"{what} did not come up in {timeout_s} s")
+
+
+@dataclass
+class RedisServer:
+    """A throwaway redis-server on 127.0.0.1; stop() and start() keep the same port (failure tests)."""
+
+    directory: Path
+    port: int = field(default_factory=free_port)
+    process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self, daemonize: bool = False) -> "RedisServer":
+        self.directory.mkdir(parents=True, exist_ok=True)
+        command = [
+            shutil.which("redis-server") or "redis-server",
+            "--bind", "127.0.0.1", "--port", str(self.port), "--protected-mode", "yes",
+            "--save", "", "--appendonly", "no", "--dir", str(self.directory),
+            "--logfile", str(self.directory / "redis.log"),
+            "--pidfile", str(self.directory / "redis.pid"),
+            "--daemonize", "yes" if daemonize else "no",
+        ]  # fmt: skip
+        if daemonize:
+            subprocess.run(command, check=True)
+        else:
+            self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        _wait_until(self.answers, 10, "redis-server")
+        return self
+
+    def answers(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as connection:
+                connection.sendall(b"PING\r\n")
+                return connection.recv(16).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait(10)
+            self.process = None
+        else:
+            _kill_pidfile(self.directory / "redis.pid")
+
+
+@dataclass
+class ClamdServer:
+    """clamd on a unix socket with the generated signature database."""
+
+    directory: Path
+    process: subprocess.Popen | None = None
+
+    @property
+    def socket_path(self) -> Path:
+        return self.directory / "clamd.sock"
+
+    def write_config(self) -> Path:
+        database = self.directory / "db"
+        database.mkdir(parents=True, exist_ok=True)
+        (database / "forced-aligner-test.ndb").write_text(
+            f"{EICAR_SIGNATURE}:0:*:{eicar().hex()}\n{MARKER_SIGNATURE}:0:*:{MARKER.hex()}\n"
+        )
+        config = self.directory / "clamd.conf"
+        config.write_text(
+            "\n".join(
+                [
+                    f"LocalSocket {self.socket_path}",
+                    "LocalSocketMode 660",
+                    "Foreground yes",
+                    f"DatabaseDirectory {database}",
+                    f"PidFile {self.directory / 'clamd.pid'}",
+                    f"LogFile {self.directory / 'clamd.log'}",
+                    # Oversized content is flagged, never passed as clean.
+                    "AlertExceedsMax yes",
+                    "StreamMaxLength 64M",
+                    "MaxFileSize 64M",
+                    "MaxScanSize 128M",
+                    "MaxThreads 4",
+                    "User root",
+                ]
+            )
+            + "\n"
+        )
+        return config
+
+    def start(self, daemonize: bool = False) -> "ClamdServer":
+        config = self.write_config()
+        self.socket_path.unlink(missing_ok=True)
+        command = [shutil.which("clamd") or "/usr/sbin/clamd", f"--config-file={config}"]
+        if daemonize:
+            self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        else:
+            self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        _wait_until(self.answers, 30, "clamd")
+        return self
+
+    def answers(self) -> bool:
+        try:
+            with socket.socket(socket.AF_UNIX) as connection:
+                connection.settimeout(0.5)
+                connection.connect(str(self.socket_path))
+                connection.sendall(b"zPING\0")
+                return connection.recv(16).startswith(b"PONG")
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait(10)
+            self.process = None
+        else:
+            _kill_pidfile(self.directory / "clamd.pid")
+        self.socket_path.unlink(missing_ok=True)
+
+
+def _kill_pidfile(pidfile: Path) -> None:
+    try:
+        os.kill(int(pidfile.read_text().strip()), signal.SIGTERM)
+    except (FileNotFoundError, ValueError, ProcessLookupError):
+        pass
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 2 or argv[0] not in ("start", "stop"):
+        print(__doc__)
+        return 2
+    base = Path(argv[1]).resolve()
+    redis_server = RedisServer(base / "redis", port=6380)
+    clamd = ClamdServer(base / "clamd")
+    if argv[0] == "stop":
+        redis_server.stop()
+        clamd.stop()
+        return 0
+    if not redis_server.answers():
+        redis_server.start(daemonize=True)
+    if not clamd.answers():
+        clamd.start(daemonize=True)
+    print(f"ALIGNER_REDIS_URL={redis_server.url}")
+    print(f"ALIGNER_CLAMD_SOCKET={clamd.socket_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -14,6 +14,8 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 export RAY_USAGE_STATS_ENABLED := 0
 export RAY_AUTH_MODE := disabled
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
+# Strip client-controlled timeout headers at Serve's proxy (serve_app/proxy_middleware.py).
+export RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH := serve_app.proxy_middleware:proxy_middlewares
 
 APT_PACKAGES := libmagic1 espeak-ng
 SAMPLE := var/sample.wav

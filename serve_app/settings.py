@@ -160,6 +160,7 @@ class Environment(_Strict):
     clamd_address: str  # unix:///path/to/clamd.sock or tcp://host:port
     api_key_pepper: SecretStr | None
     introspection_client_secret: SecretStr | None
+    audit_log: str  # "stdout" or a file path
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> "Environment":
@@ -168,6 +169,7 @@ class Environment(_Strict):
             clamd_address=environ.get("ALIGNER_CLAMD_ADDRESS", "unix:///run/clamav/clamd.ctl"),
             api_key_pepper=_secret(environ, "ALIGNER_API_KEY_PEPPER"),
             introspection_client_secret=_secret(environ, "ALIGNER_INTROSPECTION_CLIENT_SECRET"),
+            audit_log=environ.get("ALIGNER_AUDIT_LOG", "stdout"),
         )
 
 

@@ -272,3 +272,12 @@ def test_service_still_serves_after_errors(client, eval_utterances):
     response = post_align(client, eval_clip(utterance), utterance["transcript"])
     assert response.status_code == 200
     assert len(response.json()["words"]) == len(utterance["words"])
+
+
+def test_client_cannot_choose_its_own_timeout(client, eval_utterances):
+    # Serve's proxy would honour this header (0.001 s -> 408); our proxy middleware strips it.
+    utterance = eval_utterances[4]
+    files = {"audio": ("clip.wav", eval_clip(utterance), "audio/wav")}
+    headers = {"x-request-timeout-seconds": "0.001", "x-request-disconnect-disabled": "?1"}
+    response = client.post("/v1/align", files=files, data={"text": utterance["transcript"]}, headers=headers)
+    assert response.status_code == 200, response.text

@@ -126,11 +126,15 @@ class Qwen3Backend:
             return _model_failure(error)
 
     def _call_model(self, jobs: list[AlignmentJob]) -> list[ForcedAlignResult]:
-        return self._aligner.align(
-            audio=[(np.ascontiguousarray(job.audio, dtype=np.float32), SAMPLE_RATE) for job in jobs],
-            text=[" ".join(job.units) for job in jobs],
-            language=[job.language for job in jobs],
-        )
+        import torch
+
+        # qwen_asr's align() runs the forward pass with autograd on; serving never needs gradients.
+        with torch.inference_mode():
+            return self._aligner.align(
+                audio=[(np.ascontiguousarray(job.audio, dtype=np.float32), SAMPLE_RATE) for job in jobs],
+                text=[" ".join(job.units) for job in jobs],
+                language=[job.language for job in jobs],
+            )
 
 
 def _load_aligner(model: str, dtype: str, device: str) -> Qwen3ForcedAligner:

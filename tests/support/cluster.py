@@ -20,6 +20,7 @@ import yaml
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH", "serve_app.proxy_middleware:proxy_middlewares")
 
 ROOT = Path(__file__).resolve().parents[2]
 SERVE_YAML = ROOT / "configs" / "serve.yaml"
@@ -66,7 +67,8 @@ def start_serve(applications: list[dict], timeout_s: float = 240) -> str:
     from ray.serve.schema import ServeDeploySchema
 
     port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    http_options = yaml.safe_load(SERVE_YAML.read_text())["http_options"]
+    serve.start(http_options={**http_options, "port": port})
     schema = ServeDeploySchema(applications=applications)
     _get_global_client().deploy_apps(schema, _blocking=False)
     _wait_running({app.name for app in schema.applications}, timeout_s)

@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import Counter
 
 from ray import serve
 
 from deployments.backends import load_backend
 from deployments.backends.base import AlignmentFailed, AlignmentJob, BackendInfo, UnitTiming
+from serve_app import metrics
 from serve_app.settings import AlignerOptions, GraphArgs
 
 logger = logging.getLogger("ray.serve")
@@ -51,9 +53,14 @@ class Aligner:
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05)
     async def _align_batch(self, jobs: list[AlignmentJob]) -> list[list[UnitTiming] | AlignmentFailed]:
+        backend = self._backend.info.name
         self._batch_sizes[len(jobs)] += 1
+        metrics.BATCH_SIZE.observe(len(jobs), tags={"backend": backend})
+        started = time.perf_counter()
         # Inference blocks (CPU or GPU): keep the replica's event loop free to accept the next batch.
-        return await asyncio.to_thread(self._backend.align_batch, jobs)
+        outcomes = await asyncio.to_thread(self._backend.align_batch, jobs)
+        metrics.INFERENCE_SECONDS.observe(time.perf_counter() - started, tags={"backend": backend})
+        return outcomes
 
     async def batch_sizes(self) -> dict[int, int]:
         """How many batches of each size this replica has run (for tests and bench/)."""

@@ -60,6 +60,7 @@ app = FastAPI(
     openapi_url="/v1/openapi.json",
     docs_url="/v1/docs",
     redoc_url=None,
+    swagger_ui_oauth2_redirect_url=None,
 )
 install_problem_handlers(app)
 

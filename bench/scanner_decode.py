@@ -1,17 +1,26 @@
-"""Latency of the scanner's media path: sniff + decode + resample to 16 kHz, and refusing bombs.
+"""Latency of the scanner's checks: sniff + clamd scan + decode + resample to 16 kHz, refusing
+bombs, and the peak memory of the hostile-input corpus.
 
-Run from the repository root:  .venv/bin/python -m bench.scanner_decode [--repeats N]
+Run from the repository root:  .venv/bin/python -m bench.scanner_decode [--repeats N] [--no-clamd]
 
 Speech comes from the eval set (../shared/eval/emuR_ae), tiled to length; bombs are hand-built
 silent FLACs. Each case is run once to warm up, then timed; wall-clock p50 and p95 are printed with
 PASS/FAIL against the p50 target, and the CPU-time p50 beside them (steadier on a shared host).
-ClamAV scanning is not included (the lead adds it to the scanner).
+
+The clamd INSTREAM scan of the whole upload is included: the bench starts its own clamd
+(tools.local_services, the generated test signatures) in a temporary directory; clamd's time is
+wall time in another process, so it shows in the wall p50, not in the CPU p50. --no-clamd leaves
+it out. Finally the hostile corpus (tests.support.hostile) runs through sniff + clamd + decode in a
+fresh process, whose peak RSS is reported against the 500 MB target, with the slowest refusal.
 """
 
 from __future__ import annotations
 
 import argparse
+import multiprocessing
+import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,11 +28,19 @@ import av
 import numpy as np
 
 from serve_app.media import DecodeLimits, MediaRejected, decode_audio, sniff_container
+from serve_app.media.clamav import ClamdScanner
 from tests.support.audio import encode, silence_flac
+from serve_app.media.inspect import decode_limits
+from serve_app.settings import ScannerOptions
+from tests.support.hostile import HOSTILE_CASES, scanner_outcome
+from tools.local_services import ClamdServer
 
 EVAL_DIR = Path(__file__).resolve().parents[1] / ".." / "shared" / "eval" / "emuR_ae"
 LIMITS = DecodeLimits()
 ACCEPTED = "accepted"
+CLAMD_TIMEOUT_S = 30.0
+CORPUS_PEAK_RSS_TARGET_MB = 500
+REFUSAL_TARGET_MS = 200
 
 
 @dataclass(frozen=True)
@@ -79,7 +96,10 @@ def build_cases(repeats: int) -> list[Case]:
     ]
 
 
-def sniff_and_decode(upload: bytes) -> str:
+def inspect(upload: bytes, clamd: ClamdScanner | None) -> str:
+    """ACCEPTED or the problem slug, as a Scanner replica decides (without clamd when None)."""
+    if clamd is not None:
+        return scanner_outcome(upload, clamd, LIMITS) or ACCEPTED
     try:
         decode_audio(upload, sniff_container(upload), LIMITS)
     except MediaRejected as rejection:
@@ -87,13 +107,13 @@ def sniff_and_decode(upload: bytes) -> str:
     return ACCEPTED
 
 
-def time_case(case: Case) -> tuple[list[float], list[float]]:
+def time_case(case: Case, clamd: ClamdScanner | None) -> tuple[list[float], list[float]]:
     """Wall-clock and CPU milliseconds of each timed run (CPU time is steadier on a busy host)."""
-    sniff_and_decode(case.upload)  # warm-up: codec tables, first allocations
+    inspect(case.upload, clamd)  # warm-up: codec tables, first allocations
     wall_ms, cpu_ms = [], []
     for _ in range(case.repeats):
         wall_started, cpu_started = time.perf_counter(), time.process_time()
-        outcome = sniff_and_decode(case.upload)
+        outcome = inspect(case.upload, clamd)
         wall_ms.append((time.perf_counter() - wall_started) * 1000)
         cpu_ms.append((time.process_time() - cpu_started) * 1000)
         if outcome != case.expected_outcome:
@@ -101,16 +121,68 @@ def time_case(case: Case) -> tuple[list[float], list[float]]:
     return wall_ms, cpu_ms
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=20, help="timed runs per case (default 20)")
-    arguments = parser.parse_args()
+def run_corpus(clamd_address: str) -> dict[str, float | str]:
+    """In a fresh process: every hostile case through sniff + clamd + decode, checked against its
+    expected outcome, then once more timed; peak RSS (after imports, and overall) and the slowest
+    refusal of the timed pass."""
+    clamd = ClamdScanner(clamd_address, CLAMD_TIMEOUT_S)
+    limits = decode_limits(ScannerOptions())
+    baseline_mb = _peak_rss_mb()
+    uploads = [(case, case.build()) for case in HOSTILE_CASES]
+    for case, upload in uploads:  # checks every outcome, and warms codec tables up
+        outcome = scanner_outcome(upload, clamd, limits)
+        if outcome != case.expected_slug:
+            raise SystemExit(f"{case.name}: expected {case.expected_slug}, got {outcome}")
+    refusal_ms: dict[str, float] = {}
+    for case, upload in uploads:
+        if not case.accepted:
+            started = time.perf_counter()
+            scanner_outcome(upload, clamd, limits)
+            refusal_ms[case.name] = (time.perf_counter() - started) * 1000
+    slowest_refusal = max(refusal_ms, key=refusal_ms.get)
+    return {
+        "baseline_mb": baseline_mb,
+        "peak_mb": _peak_rss_mb(),
+        "slowest_refusal_ms": refusal_ms[slowest_refusal],
+        "slowest_refusal": slowest_refusal,
+    }
 
+
+def _peak_rss_mb() -> float:
+    """This process's peak resident set (VmHWM). Not getrusage's ru_maxrss: Linux carries the
+    parent's peak into a forked-then-exec'd child's ru_maxrss, so a spawned worker would report
+    the latency cases' memory instead of its own."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024  # kB
+    raise RuntimeError("no VmHWM in /proc/self/status (Linux only)")
+
+
+def report_corpus(clamd_address: str) -> bool:
+    # A spawned process: its peak RSS is the corpus's plus the imports, not this process's history.
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        corpus = pool.submit(run_corpus, clamd_address).result()
+    memory_met = corpus["peak_mb"] < CORPUS_PEAK_RSS_TARGET_MB
+    refusal_met = corpus["slowest_refusal_ms"] <= REFUSAL_TARGET_MS
+    print(
+        f"hostile corpus ({len(HOSTILE_CASES)} cases), fresh process: peak RSS {corpus['peak_mb']:.0f} MB"
+        f" (after imports {corpus['baseline_mb']:.0f} MB)  peak < {CORPUS_PEAK_RSS_TARGET_MB} MB:"
+        f" {'PASS' if memory_met else 'FAIL'}"
+    )
+    print(
+        f"slowest refusal: {corpus['slowest_refusal']} {corpus['slowest_refusal_ms']:.1f} ms (one timed pass)"
+        f"  <= {REFUSAL_TARGET_MS} ms: {'PASS' if refusal_met else 'FAIL'}"
+    )
+    return memory_met and refusal_met
+
+
+def run_cases(repeats: int, clamd: ClamdScanner | None) -> bool:
+    print("sniff + clamd INSTREAM + decode + resample" if clamd else "sniff + decode + resample (no clamd)")
     header = f"{'case':44} {'upload':>9} {'p50 ms':>8} {'p95 ms':>8} {'cpu p50':>8}"
     print(f"{header}  target (wall p50)")
     all_met = True
-    for case in build_cases(arguments.repeats):
-        wall_ms, cpu_ms = time_case(case)
+    for case in build_cases(repeats):
+        wall_ms, cpu_ms = time_case(case, clamd)
         p50, p95 = np.percentile(wall_ms, [50, 95])
         if case.target_p50_ms is None:
             verdict = "info (bounded by the caps and max_wall_seconds)"
@@ -124,6 +196,26 @@ def main() -> None:
             f"{case.name:44} {size_kib:7.0f}KiB {p50:8.1f} {p95:8.1f} {cpu_p50:8.1f}  {verdict}",
             flush=True,
         )
+    return all_met
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=20, help="timed runs per case (default 20)")
+    parser.add_argument("--no-clamd", action="store_true", help="sniff + decode only, no corpus run")
+    arguments = parser.parse_args()
+
+    if arguments.no_clamd:
+        all_met = run_cases(arguments.repeats, None)
+    else:
+        with tempfile.TemporaryDirectory(prefix="bench-clamd-") as clamd_directory:
+            clamd_server = ClamdServer(Path(clamd_directory)).start()
+            try:
+                address = f"unix://{clamd_server.socket_path}"
+                all_met = run_cases(arguments.repeats, ClamdScanner(address, CLAMD_TIMEOUT_S))
+                all_met &= report_corpus(address)
+            finally:
+                clamd_server.stop()
     print("all targets met" if all_met else "some targets missed")
 
 

@@ -29,7 +29,6 @@ from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
 from deployments.backends.base import AlignmentFailed, AlignmentJob, BackendInfo, UnitTiming
-from deployments.scanner import Rejection
 from serve_app.api import formats
 from serve_app.api.formats import OutputFormat
 from serve_app.api.languages import canonical_language
@@ -38,6 +37,7 @@ from serve_app.api.models import Problem as ProblemModel
 from serve_app.api.problems import PROBLEM_MEDIA_TYPE, PROBLEM_TYPES, Problem, install_problem_handlers, unavailable
 from serve_app.api.upload import UploadLimits, read_align_form
 from serve_app.media import DecodedAudio
+from serve_app.media.inspect import Rejection, ScanUnavailable
 from serve_app.settings import IngressOptions
 from serve_app.text.timing import WordTiming, word_timings
 from serve_app.text.transcript import Transcript, TranscriptRejected, check_plausible, parse_transcript
@@ -144,8 +144,9 @@ class Ingress:
         checks: dict[str, DependencyStatus] = {}
         backend: BackendInfo | None = None
         try:
-            await asyncio.wait_for(self._scanner.ready.remote(), _READY_TIMEOUT_S)
+            clamd_up = await asyncio.wait_for(self._scanner.ready.remote(), _READY_TIMEOUT_S)
             checks["scanner"] = DependencyStatus(status="ready")
+            checks["clamd"] = DependencyStatus(status="ready" if clamd_up else "unavailable")
         except (RayError, asyncio.TimeoutError) as error:
             checks["scanner"] = DependencyStatus(status="unavailable", detail=type(error).__name__)
         try:
@@ -188,6 +189,8 @@ class Ingress:
         verdict = await self._downstream(
             self._scanner.inspect.remote(np.frombuffer(audio, dtype=np.uint8)), "scanner", options.scan_timeout_s, options
         )
+        if isinstance(verdict, ScanUnavailable):
+            raise unavailable("the malware scanner is unavailable; retry later", options.retry_after_s)
         if isinstance(verdict, Rejection):
             raise Problem(verdict.reason, verdict.detail)
         return verdict

@@ -1,29 +1,29 @@
 """Scanner deployment: the isolation boundary for everything that parses untrusted bytes.
 
-It sniffs the container with libmagic and decodes with hard caps to 16 kHz mono float32, in its own
-CPU replicas, so a decoder blow-up costs a scanner replica (which Serve replaces), never the ingress
-or an aligner. It answers with a verdict, never with an exception for bad input: a `DecodedAudio`
-when the upload is accepted, a `Rejection` (a problem slug and a client-safe sentence) otherwise.
+Each upload is scanned by clamd, sniffed with libmagic and decoded with hard caps to 16 kHz mono
+float32 (serve_app.media.inspect), in this deployment's own CPU replicas: a decoder blow-up costs a
+scanner replica, which Serve replaces, never the ingress or an aligner. The answer is a verdict
+value (accepted audio, a rejection, or "clamd unavailable"), never an exception for bad input.
+
+Failure policy: clamd down or erroring -> `ScanUnavailable`, which the ingress answers with 503 +
+Retry-After (fail closed), counted as aligner_scanner_verdicts{verdict="unavailable"}; each scan
+opens a new connection, so service resumes by itself when clamd is back.
 """
 
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+import os
 
 import numpy as np
 from ray import serve
 
-from serve_app.media import DecodedAudio, DecodeLimits, MediaRejected, decode_audio, sniff_container
-from serve_app.settings import ScannerOptions
+from serve_app import metrics
+from serve_app.media.clamav import ClamdScanner
+from serve_app.media.inspect import Rejection, ScanUnavailable, Verdict, decode_limits, inspect_upload
+from serve_app.settings import Environment, ScannerOptions
 
-SNIFF_BYTES = 64 * 1024  # libmagic needs only the leading bytes
-
-
-@dataclass(frozen=True)
-class Rejection:
-    reason: str  # a problem slug (serve_app.api.problems)
-    detail: str  # safe to show the client
+_CLAMD_PROBE_INTERVAL_S = 5.0
 
 
 @serve.deployment(
@@ -35,27 +35,42 @@ class Rejection:
     user_config=ScannerOptions().model_dump(),
 )
 class Scanner:
+    def __init__(self) -> None:
+        self._clamd_address = Environment.from_env().clamd_address
+        self._probe = asyncio.get_running_loop().create_task(self._probe_clamd())
+
     def reconfigure(self, user_config: dict) -> None:
         # Serve always calls this before the first request (user_config has a default above).
         options = ScannerOptions.model_validate(user_config)
-        self._limits = DecodeLimits(
-            max_decoded_seconds=options.max_decoded_seconds,
-            max_channels=options.max_channels,
-            max_sample_rate=options.max_sample_rate,
-            max_wall_seconds=options.max_decode_wall_seconds,
-        )
+        self._limits = decode_limits(options)
+        self._clamd = ClamdScanner(self._clamd_address, options.clamd_timeout_s)
 
-    async def inspect(self, upload: np.ndarray) -> DecodedAudio | Rejection:
-        """Sniff and decode one upload (uint8 array). Runs in a worker thread: decoding blocks."""
-        return await asyncio.to_thread(self._inspect, upload.tobytes())
-
-    def _inspect(self, data: bytes) -> DecodedAudio | Rejection:
-        limits = self._limits  # read once: reconfigure() may swap it mid-request
-        try:
-            demuxer = sniff_container(data[:SNIFF_BYTES])
-            return decode_audio(data, demuxer, limits)
-        except MediaRejected as rejected:
-            return Rejection(rejected.reason, rejected.detail)
+    async def inspect(self, upload: np.ndarray) -> Verdict:
+        """Scan and decode one upload (uint8 array). Runs in a worker thread: it blocks."""
+        verdict = await asyncio.to_thread(inspect_upload, upload.tobytes(), self._clamd, self._limits)
+        if isinstance(verdict, ScanUnavailable):
+            metrics.SCANNER_VERDICTS.inc(tags={"verdict": "unavailable"})
+            metrics.DEPENDENCY_ERRORS.inc(tags={"dependency": "clamd", "use": "scan"})
+        elif isinstance(verdict, Rejection):
+            malware = verdict.reason == "malware-detected"
+            metrics.SCANNER_VERDICTS.inc(tags={"verdict": "malware" if malware else "rejected"})
+            if not malware:
+                metrics.DECODE_REJECTIONS.inc(tags={"reason": verdict.reason})
+        else:
+            metrics.SCANNER_VERDICTS.inc(tags={"verdict": "clean"})
+        return verdict
 
     async def ready(self) -> bool:
-        return True
+        """Readiness: clamd answers (without it every upload is refused)."""
+        return await asyncio.to_thread(self._clamd.ping)
+
+    async def pid(self) -> int:
+        """This replica's process id (the crash-isolation test kills it)."""
+        return os.getpid()
+
+    async def _probe_clamd(self) -> None:
+        # Re-set periodically: a Ray gauge disappears from the export ~30 s after its last set().
+        while True:
+            await asyncio.sleep(_CLAMD_PROBE_INTERVAL_S)  # first: reconfigure() has built the client
+            up = await asyncio.to_thread(self._clamd.ping)
+            metrics.DEPENDENCY_UP.set(1 if up else 0, tags={"dependency": "clamd"})

@@ -143,6 +143,7 @@ class ScannerOptions(_Strict):
     max_channels: int = Field(8, ge=1, le=64)
     max_sample_rate: int = Field(192_000, ge=8_000)
     max_decode_wall_seconds: float = Field(20.0, gt=0)
+    clamd_timeout_s: float = Field(10.0, gt=0, description="Bound on one clamd scan, connecting included.")
 
 
 class AlignerOptions(_Strict):

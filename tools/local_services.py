@@ -96,9 +96,16 @@ class RedisServer:
 
 @dataclass
 class ClamdServer:
-    """clamd on a unix socket with the generated signature database."""
+    """clamd on a unix socket with the generated signature database.
+
+    The limits and the optional loopback TCP listener exist for the scanner client's tests (an
+    oversized stream, a file over MaxFileSize, the tcp:// address form); defaults suit the service.
+    """
 
     directory: Path
+    stream_max_length: str = "64M"
+    max_file_size: str = "64M"
+    tcp_port: int | None = None  # also listen on 127.0.0.1:tcp_port
     process: subprocess.Popen | None = None
 
     @property
@@ -123,12 +130,13 @@ class ClamdServer:
                     f"LogFile {self.directory / 'clamd.log'}",
                     # Oversized content is flagged, never passed as clean.
                     "AlertExceedsMax yes",
-                    "StreamMaxLength 64M",
-                    "MaxFileSize 64M",
+                    f"StreamMaxLength {self.stream_max_length}",
+                    f"MaxFileSize {self.max_file_size}",
                     "MaxScanSize 128M",
                     "MaxThreads 4",
                     "User root",
                 ]
+                + ([f"TCPSocket {self.tcp_port}", "TCPAddr 127.0.0.1"] if self.tcp_port else [])
             )
             + "\n"
         )

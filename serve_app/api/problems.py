@@ -48,6 +48,7 @@ _CATALOGUE = [
     ProblemType("invalid-transcript", 422, "The transcript cannot be aligned"),
     ProblemType("transcript-too-long", 422, "The transcript exceeds the length limit"),
     ProblemType("unsupported-language", 422, "The language is not supported"),
+    ProblemType("malware-detected", 422, "The upload was refused by the malware scanner"),
     # decoded audio
     ProblemType("undecodable-audio", 422, "The audio could not be decoded"),
     ProblemType("empty-audio", 422, "The audio contains no samples"),

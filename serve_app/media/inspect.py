@@ -1,0 +1,60 @@
+"""The scanner's whole check of one upload, in order: clamd -> libmagic sniff -> capped decode.
+
+clamd runs first, on every byte of the upload: malware is identified as malware whatever it
+claims to be (and counted as such by abuse detection), and signatures for decoder exploits see a
+file before FFmpeg parses it. Then the container is sniffed, then decoded within the caps.
+
+The verdict is a value, never an exception, so it crosses the Serve hop intact:
+- `DecodedAudio`: accepted;
+- `Rejection`: the client's upload is refused (a problem slug, a client-safe detail, and for
+  malware the signature name, which goes to the audit log and never to the client);
+- `ScanUnavailable`: clamd could not give a verdict, so the upload is refused with 503 (fail closed).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from serve_app.media.clamav import ClamdScanner, ScannerUnavailable
+from serve_app.media.decode import DecodedAudio, DecodeLimits, decode_audio
+from serve_app.media.errors import MediaRejected
+from serve_app.media.sniff import sniff_container
+from serve_app.settings import ScannerOptions
+
+
+@dataclass(frozen=True)
+class Rejection:
+    reason: str  # a problem slug (serve_app.api.problems)
+    detail: str  # safe to show the client
+    signature: str | None = None  # malware only: for the audit log, never the client
+
+
+@dataclass(frozen=True)
+class ScanUnavailable:
+    reason: str  # ScannerUnavailable's reason code
+
+
+Verdict = DecodedAudio | Rejection | ScanUnavailable
+
+
+def decode_limits(options: ScannerOptions) -> DecodeLimits:
+    """The decode caps a scanner applies under these options."""
+    return DecodeLimits(
+        max_decoded_seconds=options.max_decoded_seconds,
+        max_channels=options.max_channels,
+        max_sample_rate=options.max_sample_rate,
+        max_wall_seconds=options.max_decode_wall_seconds,
+    )
+
+
+def inspect_upload(data: bytes, clamd: ClamdScanner, limits: DecodeLimits) -> Verdict:
+    try:
+        scanned = clamd.scan(data)
+    except ScannerUnavailable as unavailable:
+        return ScanUnavailable(unavailable.reason)
+    if scanned.infected:
+        return Rejection("malware-detected", "the upload was refused by the malware scanner", signature=scanned.signature)
+    try:
+        return decode_audio(data, sniff_container(data), limits)
+    except MediaRejected as rejected:
+        return Rejection(rejected.reason, rejected.detail)

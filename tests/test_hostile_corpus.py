@@ -1,0 +1,56 @@
+"""The hostile corpus (tests.support.hostile) through the scanner's checks, in the scanner's order.
+
+Each upload goes through libmagic sniffing, a real clamd scan and bounded decoding with the default
+ScannerOptions caps, directly (no Serve), so every expectation the HTTP-level test reuses is
+checked here against the real libraries. Peak memory and latency are in bench/scanner_decode.py.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from serve_app.api.problems import PROBLEM_TYPES
+from serve_app.media.clamav import ClamdScanner
+from serve_app.media.inspect import decode_limits
+from serve_app.settings import ScannerOptions
+from tests.support.hostile import (
+    ACCEPTED_STATUS,
+    HOSTILE_CASES,
+    MALWARE_DETECTED,
+    HostileCase,
+    scanner_outcome,
+)
+
+
+@pytest.fixture(scope="module")
+def clamd(clamd_server) -> ClamdScanner:
+    return ClamdScanner(f"unix://{clamd_server.socket_path}", timeout_s=10)
+
+
+@pytest.mark.parametrize("case", HOSTILE_CASES, ids=lambda case: case.name)
+def test_case_gets_its_expected_outcome(case: HostileCase, clamd: ClamdScanner):
+    assert scanner_outcome(case.build(), clamd, decode_limits(ScannerOptions())) == case.expected_slug
+
+
+@pytest.mark.parametrize("case", HOSTILE_CASES, ids=lambda case: case.name)
+def test_expected_status_matches_the_problem_catalogue(case: HostileCase):
+    if case.accepted:
+        assert case.expected_status == ACCEPTED_STATUS
+    else:
+        assert case.expected_slug in PROBLEM_TYPES, f"{case.expected_slug} is not a problem type"
+        assert PROBLEM_TYPES[case.expected_slug].status == case.expected_status
+
+
+def test_corpus_covers_every_media_refusal_and_acceptance():
+    slugs = {case.expected_slug for case in HOSTILE_CASES}
+    assert slugs >= {
+        None,
+        "unsupported-media-type",
+        "undecodable-audio",
+        "empty-audio",
+        "audio-too-long",
+        "too-many-channels",
+        "sample-rate-too-high",
+        "not-single-audio-stream",
+        MALWARE_DETECTED,
+    }

@@ -1,0 +1,80 @@
+"""The hostile corpus through the real graph, clamd outages, and a scanner replica crash.
+
+Uploads go to the tiny-Qwen3 application, whose aligner places any transcript on any audio, so an
+accepted upload answers 200 and a refused one its documented problem. After the corpus the service
+still serves a valid request.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+
+from tests.support.audio import encode, silence_flac, tone
+from tests.support.hostile import HOSTILE_CASES, HostileCase
+from tests.test_api import assert_problem, post_align
+
+QWEN3 = "/qwen3"
+
+
+@pytest.mark.parametrize("case", HOSTILE_CASES, ids=lambda case: case.name)
+def test_hostile_upload_gets_its_documented_answer(client, case: HostileCase):
+    files = {"audio": (case.filename, case.build(), "audio/wav")}
+    response = client.post(f"{QWEN3}/v1/align", files=files, data={"text": "hello"})
+    if case.accepted:
+        assert response.status_code == 200, response.text
+    else:
+        body = assert_problem(response, case.expected_status, case.expected_slug)
+        assert "Signature" not in body["detail"] and "UNOFFICIAL" not in response.text  # names stay in the audit log
+
+
+def test_still_serving_after_the_corpus(client):
+    response = post_align(client, encode(tone(2.0, 16_000), 16_000, "wav"), "still here", prefix=QWEN3)
+    assert response.status_code == 200, response.text
+
+
+def test_clamd_down_fails_closed_then_recovers(client, clamd_server):
+    audio = encode(tone(1.0, 16_000), 16_000, "wav")
+    clamd_server.stop()
+    try:
+        response = post_align(client, audio, "hello", prefix=QWEN3)
+        assert_problem(response, 503, "service-unavailable")
+        assert int(response.headers["retry-after"]) >= 1
+        ready = client.get(f"{QWEN3}/v1/ready")
+        assert ready.status_code == 503
+        assert ready.json()["checks"]["clamd"]["status"] == "unavailable"
+    finally:
+        clamd_server.start()
+    response = post_align(client, audio, "hello", prefix=QWEN3)  # no restart of anything of ours
+    assert response.status_code == 200, response.text
+    assert client.get(f"{QWEN3}/v1/ready").status_code == 200
+
+
+def test_scanner_replica_crash_mid_request_is_a_503_and_serve_replaces_it(client, ray_cluster):
+    import concurrent.futures
+
+    from ray import serve
+
+    scanner = serve.get_deployment_handle("Scanner", app_name="qwen3")
+    pid = scanner.pid.remote().result()
+    # An hour of 192 kHz 7.1 silence with no declared length keeps a scanner decoding for seconds
+    # (until the decoded-duration cap): the replica dies, as on a decoder segfault, while it works.
+    slow_bomb = silence_flac(3600.0, 192_000, 8, declare_length=False)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        in_flight = pool.submit(post_align, client, slow_bomb, "hello", QWEN3)
+        time.sleep(1.0)
+        os.kill(pid, signal.SIGKILL)
+        response = in_flight.result()
+    assert_problem(response, 503, "service-unavailable")
+
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        response = post_align(client, encode(tone(1.0, 16_000), 16_000, "wav"), "hello", prefix=QWEN3)
+        if response.status_code == 200:
+            break
+        time.sleep(1)
+    assert response.status_code == 200, response.text
+    assert scanner.pid.remote().result() != pid

@@ -1,0 +1,73 @@
+"""The Redis client the request path uses, and the Lua scripts it runs.
+
+Redis sits in front of every request (bans, rate limits), so a slow or absent Redis must cost
+milliseconds, not seconds: redis-py 8's default client retries a failed connection 10 times with
+backoff and waits 5 s on a socket. `request_path_client` instead fails within `timeout_s` and
+retries once, immediately (which is what a pooled connection that went stale across a Redis
+restart needs). Callers decide what a failure means (fail open or closed) and count it.
+
+Scripts are resource files next to this module. `load_script` returns redis-py's script object:
+it calls EVALSHA and, on NOSCRIPT (first use, or a Redis that restarted and lost its script
+cache), SCRIPT LOADs the text and retries.
+"""
+
+from __future__ import annotations
+
+import logging
+from importlib import resources
+
+from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.commands.core import AsyncScript
+from redis.exceptions import RedisError
+
+# What a failed store call raises: unreachable, timed out, pool exhausted, or an error reply
+# (OOM, READONLY, LOADING...). Callers apply their failure policy to all of them and count it.
+STORE_ERRORS = (RedisError, OSError)
+
+
+def request_path_client(url: str, timeout_s: float = 0.25, max_connections: int = 64) -> Redis:
+    """A client that gives up quickly: one immediate retry, short connect and socket timeouts.
+
+    The pool blocks (up to `timeout_s`) when all `max_connections` are busy instead of raising at
+    once, so a burst of concurrent requests queues briefly rather than being counted as an outage.
+    """
+    pool = BlockingConnectionPool.from_url(
+        url,
+        max_connections=max_connections,
+        timeout=timeout_s,
+        socket_timeout=timeout_s,
+        socket_connect_timeout=timeout_s,
+        retry=Retry(NoBackoff(), retries=1),
+        decode_responses=True,
+    )
+    return Redis.from_pool(pool)
+
+
+def load_script(redis: Redis, filename: str) -> AsyncScript:
+    """The Lua script `filename` shipped in this package, bound to `redis`."""
+    text = resources.files(__package__).joinpath(filename).read_text(encoding="utf-8")
+    return redis.register_script(text)
+
+
+class StoreHealth:
+    """Counts failed store calls; logs when failures start and when the store answers again,
+    never once per request (an outage would otherwise flood the log)."""
+
+    def __init__(self, logger: logging.Logger, what: str):
+        self._logger = logger
+        self._what = what
+        self._healthy = True
+        self.failures = 0  # exported as a metric by the ingress
+
+    def failed(self, error: Exception, consequence: str) -> None:
+        self.failures += 1
+        if self._healthy:
+            self._healthy = False
+            self._logger.error("%s: Redis failed (%s); %s until it answers", self._what, type(error).__name__, consequence)
+
+    def answered(self) -> None:
+        if not self._healthy:
+            self._healthy = True
+            self._logger.warning("%s: Redis answers again (%d failed calls so far)", self._what, self.failures)

@@ -1,0 +1,163 @@
+"""Abuse counters and bans against a real redis-server (never a mock).
+
+Each test uses its own addresses and principals, so tests share the session's Redis. The outage test
+stops a redis-server of its own instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import uuid
+
+import pytest
+import pytest_asyncio
+
+from serve_app.security.abuse import AbuseMonitor, ip_subject, principal_subject
+from serve_app.security.redis_store import request_path_client
+from serve_app.settings import AbuseOptions
+from tests.support.redis_servers import private_redis_server  # noqa: F401 (fixture)
+
+
+@pytest_asyncio.fixture
+async def redis(redis_server):
+    client = request_path_client(redis_server.url)
+    yield client
+    await client.aclose()
+
+
+def fresh_ip() -> str:
+    """An address from the IPv6 documentation range no other test uses."""
+    return str(ipaddress.IPv6Address("2001:db8::") + uuid.uuid4().int % 2**64)
+
+
+def fresh_principal() -> str:
+    return f"api_key:{uuid.uuid4().hex[:12]}"
+
+
+def options(**overrides) -> AbuseOptions:
+    return AbuseOptions(**{"allow_networks": [], "ban_s": 1, "max_ban_s": 3, **overrides})
+
+
+@pytest.mark.asyncio
+async def test_credential_stuffing_loop_bans_the_address(redis):
+    monitor = AbuseMonitor(redis, options(max_auth_failures=5))
+    attacker, bystander = fresh_ip(), fresh_ip()
+    imposed = [await monitor.record("auth_failure", attacker) for _ in range(5)]
+    assert imposed[:4] == [[]] * 4
+    assert [(ban.subject, ban.reason, ban.offence, ban.duration_s) for ban in imposed[4]] == [
+        (ip_subject(attacker), "auth_failure", 1, 1)
+    ]
+    ban = await monitor.is_banned(attacker)
+    assert ban is not None and ban.reason == "auth_failure" and 0 < ban.retry_after_s <= 1
+    assert await monitor.is_banned(bystander) is None
+
+
+@pytest.mark.asyncio
+async def test_events_outside_the_window_do_not_count(redis):
+    monitor = AbuseMonitor(redis, options(window_s=1, max_rejected_uploads=3))
+    ip = fresh_ip()
+    for _ in range(2):
+        await monitor.record("rejected_upload", ip)
+    await asyncio.sleep(1.1)
+    assert await monitor.record("rejected_upload", ip) == []
+    assert await monitor.is_banned(ip) is None
+
+
+@pytest.mark.asyncio
+async def test_one_malware_hit_bans_both_the_address_and_the_principal(redis):
+    monitor = AbuseMonitor(redis, options())  # max_malware_hits defaults to 1
+    ip, principal = fresh_ip(), fresh_principal()
+    imposed = await monitor.record("malware", ip, principal)
+    assert {ban.subject for ban in imposed} == {ip_subject(ip), principal_subject(principal)}
+    assert (await monitor.is_banned(fresh_ip(), principal)).subject == principal_subject(principal)
+    assert (await monitor.is_banned(ip, None)).subject == ip_subject(ip)
+
+
+@pytest.mark.asyncio
+async def test_ban_expires(redis):
+    monitor = AbuseMonitor(redis, options())
+    ip = fresh_ip()
+    await monitor.record("malware", ip)
+    assert await monitor.is_banned(ip) is not None
+    await asyncio.sleep(1.1)
+    assert await monitor.is_banned(ip) is None
+
+
+@pytest.mark.asyncio
+async def test_repeat_offences_double_the_ban_up_to_the_cap(redis):
+    monitor = AbuseMonitor(redis, options(ban_s=1, max_ban_s=3))
+    ip = fresh_ip()
+    durations = []
+    for _ in range(3):
+        [ban] = await monitor.record("malware", ip)
+        durations.append((ban.offence, ban.duration_s))
+        while await monitor.is_banned(ip) is not None:
+            await asyncio.sleep(0.05)
+    assert durations == [(1, 1), (2, 2), (3, 3)]
+
+
+@pytest.mark.asyncio
+async def test_offences_are_forgotten_after_the_memory(redis):
+    monitor = AbuseMonitor(redis, options(ban_s=1), offence_memory_s=1)
+    ip = fresh_ip()
+    await monitor.record("malware", ip)
+    await asyncio.sleep(2.1)  # the 1 s ban, then the 1 s memory
+    [ban] = await monitor.record("malware", ip)
+    assert ban.offence == 1 and ban.duration_s == 1
+
+
+@pytest.mark.asyncio
+async def test_allow_listed_network_is_never_banned_but_its_principal_can_be(redis):
+    monitor = AbuseMonitor(redis, options(allow_networks=["127.0.0.0/8", "2001:db8:1::/48"]))
+    principal = fresh_principal()
+    for ip in ("127.0.0.1", "2001:db8:1::5"):
+        for _ in range(3):
+            await monitor.record("malware", ip, principal if ip == "127.0.0.1" else None)
+        assert await monitor.is_banned(ip) is None
+    assert (await monitor.is_banned("127.0.0.1", principal)).subject == principal_subject(principal)
+
+
+@pytest.mark.asyncio
+async def test_list_and_lift(redis):
+    monitor = AbuseMonitor(redis, options(ban_s=60, max_ban_s=60))
+    ip, principal = fresh_ip(), fresh_principal()
+    await monitor.record("malware", ip, principal)
+    listed = {ban.subject: ban for ban in await monitor.list_bans()}
+    assert {ip_subject(ip), principal_subject(principal)} <= set(listed)
+    assert listed[ip_subject(ip)].reason == "malware" and 55 < listed[ip_subject(ip)].retry_after_s <= 60
+
+    assert await monitor.lift(ip_subject(ip)) is True
+    assert await monitor.is_banned(ip) is None
+    assert await monitor.lift(ip_subject(ip)) is False
+    assert ip_subject(ip) not in {ban.subject for ban in await monitor.list_bans()}
+    # Lifting forgets the offences: the next ban is a first one again.
+    [again] = await monitor.record("malware", ip)
+    assert again.offence == 1
+    for subject in (ip_subject(ip), principal_subject(principal)):
+        await monitor.lift(subject)
+
+
+@pytest.mark.asyncio
+async def test_unknown_event_and_subject_are_refused(redis):
+    monitor = AbuseMonitor(redis, options())
+    with pytest.raises(ValueError):
+        await monitor.record("sneezing", fresh_ip())
+    with pytest.raises(ValueError):
+        await monitor.lift("abuse:ban:ip:1.2.3.4")
+
+
+@pytest.mark.asyncio
+async def test_redis_outage_fails_open_and_recovers(private_redis_server):
+    async with request_path_client(private_redis_server.url) as redis:
+        monitor = AbuseMonitor(redis, options())
+        ip = fresh_ip()
+        private_redis_server.stop()
+        try:
+            assert await monitor.is_banned(ip) is None
+            assert await monitor.record("malware", ip) == []
+            assert monitor.store_health.failures == 2
+        finally:
+            private_redis_server.start()
+        assert [ban.subject for ban in await monitor.record("malware", ip)] == [ip_subject(ip)]
+        assert await monitor.is_banned(ip) is not None

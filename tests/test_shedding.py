@@ -1,0 +1,112 @@
+"""Load shedding policy, tested directly: it is deterministic given samples and the clock."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from serve_app.security.shedding import LoadSample, LoadShedder, SheddingOptions
+
+
+class ManualClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def sample(aligner_load: int = 0, aligner_capacity: int = 10, batch_wait_s: float = 0.0, scanner_backlog: int = 0) -> LoadSample:
+    return LoadSample(
+        aligner_ongoing=min(aligner_load, aligner_capacity),
+        aligner_queued=max(0, aligner_load - aligner_capacity),
+        aligner_capacity=aligner_capacity,
+        batch_wait_s=batch_wait_s,
+        scanner_backlog=scanner_backlog,
+        scanner_capacity=4,
+    )
+
+
+@pytest.fixture
+def clock() -> ManualClock:
+    return ManualClock()
+
+
+@pytest.fixture
+def shedder(clock) -> LoadShedder:
+    return LoadShedder(SheddingOptions(), clock=clock)
+
+
+def test_no_sample_means_unknown_load_and_nothing_shed(shedder):
+    assert shedder.level == 0 and shedder.load_factor == 1
+    assert not shedder.should_shed(0)
+
+
+def test_level_is_the_most_loaded_stage(shedder):
+    shedder.update(sample(aligner_load=5))
+    assert shedder.level == pytest.approx(0.5)
+    shedder.update(sample(aligner_load=5, scanner_backlog=3))
+    assert shedder.level == pytest.approx(0.75)
+    shedder.update(sample(aligner_load=5, batch_wait_s=0.45))
+    assert shedder.level == pytest.approx(0.9)  # 0.45 s of a 0.5 s target batch wait
+
+
+def test_load_factor_is_one_until_the_threshold_then_shrinks_to_the_floor(shedder):
+    factors = {}
+    for load in (5, 7, 8, 10, 20):
+        shedder.update(sample(aligner_load=load))
+        factors[load] = shedder.load_factor
+    assert factors[5] == factors[7] == 1
+    assert factors[8] == pytest.approx(1 - 0.75 * (0.1 / 0.3))
+    assert factors[10] == factors[20] == pytest.approx(0.25)
+
+
+def test_lowest_priority_is_shed_first_and_premium_last(shedder):
+    shed_at = {}
+    for load in range(0, 20):
+        shedder.update(sample(aligner_load=load))
+        for priority in (0, 5, 10):
+            if priority not in shed_at and shedder.should_shed(priority):
+                shed_at[priority] = load / 10
+    assert shed_at == {0: 0.9, 5: 1.2, 10: 1.5}
+    assert shedder.shed_count > 0
+
+
+def test_stale_sample_means_unknown_load(shedder, clock):
+    shedder.update(sample(aligner_load=30))
+    assert shedder.should_shed(10)
+    clock.now += shedder.options.max_sample_age_s + 0.1
+    assert shedder.level == 0 and not shedder.should_shed(0)
+
+
+def test_no_aligner_capacity_sheds_everything(shedder):
+    shedder.update(sample(aligner_load=0, aligner_capacity=0))
+    assert shedder.should_shed(10) and shedder.load_factor == pytest.approx(0.25)
+
+
+@pytest.mark.asyncio
+async def test_background_sampling_keeps_the_last_good_sample_when_the_probe_fails():
+    shedder = LoadShedder(SheddingOptions(sample_interval_s=0.01))
+    answers = [sample(aligner_load=12), RuntimeError("probe down"), "hang", sample(aligner_load=3)]
+    levels = []
+
+    async def probe() -> LoadSample:
+        answer = answers.pop(0) if answers else sample(aligner_load=3)
+        if isinstance(answer, Exception):
+            raise answer
+        if answer == "hang":
+            await asyncio.sleep(10)
+        levels.append(shedder.level)
+        return answer
+
+    task = asyncio.create_task(shedder.run(probe))
+    while len(levels) < 3:
+        await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    # The failing and the hanging probe both kept the first sample's level in force.
+    assert levels[:2] == [0, pytest.approx(1.2)]
+    assert shedder.probe_failures == 2
+    assert shedder.level == pytest.approx(0.3)

@@ -14,6 +14,7 @@ falling back to a default.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from pathlib import Path
 from typing import Literal, Mapping
@@ -25,6 +26,12 @@ from serve_app.api.languages import canonical_language
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _valid_networks(networks: list[str]) -> list[str]:
+    for network in networks:
+        ipaddress.ip_network(network, strict=False)  # ValueError -> a validation error naming it
+    return networks
 
 
 class GraphArgs(_Strict):
@@ -88,6 +95,19 @@ class RateLimitOptions(_Strict):
     pre_auth_burst: int = Field(120, ge=1, description="Per client IP, before credentials are checked.")
     pre_auth_per_minute: float = Field(600, gt=0)
     local_max_concurrency: int = Field(16, ge=1, description="Per ingress replica; never depends on Redis.")
+    redis_timeout_s: float = Field(0.25, gt=0, le=5, description="Per Redis call on the request path.")
+
+
+class SheddingOptions(_Strict):
+    """When to shrink buckets and shed new work, from the aligner's and scanner's load."""
+
+    reduce_above: float = Field(0.7, ge=0, description="Load level above which bucket capacities shrink.")
+    min_load_factor: float = Field(0.25, gt=0, le=1, description="Bucket capacity multiplier at level 1 and above.")
+    shed_above: float = Field(0.9, gt=0, description="Level at which priority-0 work is shed.")
+    shed_top_priority_above: float = Field(1.5, gt=0, description="Level at which priority-10 work is shed.")
+    target_batch_wait_s: float = Field(0.5, gt=0, description="A batch wait this long counts as level 1.")
+    max_sample_age_s: float = Field(5.0, gt=0, description="Older samples mean load unknown: shed nothing.")
+    sample_interval_s: float = Field(1.0, gt=0)
 
 
 class AbuseOptions(_Strict):
@@ -98,7 +118,13 @@ class AbuseOptions(_Strict):
     max_rate_limit_hits: int = Field(100, ge=1)
     ban_s: int = Field(300, ge=1, description="First ban; each repeat doubles it.")
     max_ban_s: int = Field(86400, ge=1)
+    offence_memory_s: int = Field(86400, ge=1, description="A new offence this long after a ban still doubles the next.")
     allow_networks: list[str] = Field(default_factory=lambda: ["127.0.0.0/8", "::1/128"])
+
+    @field_validator("allow_networks")
+    @classmethod
+    def _networks(cls, networks: list[str]) -> list[str]:
+        return _valid_networks(networks)
 
 
 class IngressOptions(_Strict):
@@ -117,6 +143,12 @@ class IngressOptions(_Strict):
     oauth: OAuthOptions = Field(default_factory=OAuthOptions)
     rate_limits: RateLimitOptions = Field(default_factory=RateLimitOptions)
     abuse: AbuseOptions = Field(default_factory=AbuseOptions)
+    shedding: SheddingOptions = Field(default_factory=SheddingOptions)
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _proxies(cls, networks: list[str]) -> list[str]:
+        return _valid_networks(networks)
 
     @field_validator("default_language")
     @classmethod

@@ -99,7 +99,7 @@ async def test_repeat_offences_double_the_ban_up_to_the_cap(redis):
 
 @pytest.mark.asyncio
 async def test_offences_are_forgotten_after_the_memory(redis):
-    monitor = AbuseMonitor(redis, options(ban_s=1), offence_memory_s=1)
+    monitor = AbuseMonitor(redis, options(ban_s=1, offence_memory_s=1))
     ip = fresh_ip()
     await monitor.record("malware", ip)
     await asyncio.sleep(2.1)  # the 1 s ban, then the 1 s memory

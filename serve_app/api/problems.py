@@ -30,10 +30,15 @@ class ProblemType:
     slug: str
     status: int
     title: str
+    registered_uri: str | None = None  # an IANA-registered type, where one exists
 
     @property
     def uri(self) -> str:
-        return PROBLEM_TYPE_BASE + self.slug
+        return self.registered_uri or PROBLEM_TYPE_BASE + self.slug
+
+
+# The IANA HTTP Problem Types registry entries defined by draft-ietf-httpapi-ratelimit-headers.
+_IANA = "https://iana.org/assignments/http-problem-types#"
 
 
 _CATALOGUE = [
@@ -61,6 +66,12 @@ _CATALOGUE = [
     # alignment
     ProblemType("no-alignment-found", 422, "The transcript could not be aligned to the audio"),
     ProblemType("unpronounceable-unit", 422, "The transcript has a word the backend cannot pronounce"),
+    # authentication and traffic control
+    ProblemType("unauthorized", 401, "Authentication required"),
+    ProblemType("forbidden", 403, "The credential lacks the required scope"),
+    ProblemType("quota-exceeded", 429, "Request quota exceeded", _IANA + "quota-exceeded"),
+    ProblemType("abnormal-usage-detected", 429, "Abnormal usage detected", _IANA + "abnormal-usage-detected"),
+    ProblemType("temporary-reduced-capacity", 503, "Temporarily reduced capacity", _IANA + "temporary-reduced-capacity"),
     # server side
     ProblemType("service-unavailable", 503, "The service is temporarily unavailable"),
     ProblemType("internal-error", 500, "Internal error"),

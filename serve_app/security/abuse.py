@@ -35,10 +35,6 @@ logger = logging.getLogger(__name__)
 AbuseEvent = Literal["auth_failure", "rejected_upload", "malware", "rate_limited"]
 ABUSE_EVENTS: tuple[str, ...] = get_args(AbuseEvent)
 
-# Not yet in settings: the lead should add `AbuseOptions.offence_memory_s`. How long after a ban
-# ends a new offence still counts as a repeat (and doubles the next ban).
-OFFENCE_MEMORY_S = 86_400
-
 KEY_PREFIX = "abuse"
 
 
@@ -60,10 +56,9 @@ def principal_subject(principal_key: str) -> str:
 
 
 class AbuseMonitor:
-    def __init__(self, redis: Redis, options: AbuseOptions, *, offence_memory_s: int = OFFENCE_MEMORY_S):
+    def __init__(self, redis: Redis, options: AbuseOptions):
         self._redis = redis
         self._record_script = load_script(redis, "abuse_record.lua")
-        self._offence_memory_s = offence_memory_s
         self.reconfigure(options)
         self.store_health = StoreHealth(logger, "abuse monitor")
 
@@ -109,7 +104,7 @@ class AbuseMonitor:
             self._thresholds[event],
             options.ban_s,
             options.max_ban_s,
-            self._offence_memory_s,
+            self._options.offence_memory_s,
             secrets.token_hex(8),
         ]
         try:

@@ -28,6 +28,8 @@ import time
 from dataclasses import dataclass
 from typing import Awaitable, Callable
 
+from serve_app.settings import SheddingOptions
+
 logger = logging.getLogger(__name__)
 
 MAX_PRIORITY = 10  # settings.Plan.priority's upper bound
@@ -41,18 +43,6 @@ class LoadSample:
     batch_wait_s: float  # recent mean time a request waited for its batch
     scanner_backlog: int  # uploads waiting for or in a scan
     scanner_capacity: int  # how many scans the scanner replicas run at once
-
-
-# Not yet in settings: the lead should add these as `IngressOptions.shedding` (same field names).
-@dataclass(frozen=True)
-class SheddingOptions:
-    reduce_above: float = 0.7  # level above which bucket capacities start to shrink
-    min_load_factor: float = 0.25  # bucket capacity multiplier at level 1 and above
-    shed_above: float = 0.9  # level at which priority-0 work is shed
-    shed_top_priority_above: float = 1.5  # level at which priority-10 work is shed
-    target_batch_wait_s: float = 0.5  # a batch wait this long counts as level 1
-    max_sample_age_s: float = 5.0  # older samples mean "load unknown": shed nothing
-    sample_interval_s: float = 1.0
 
 
 class LoadShedder:

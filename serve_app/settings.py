@@ -138,6 +138,7 @@ class IngressOptions(_Strict):
     align_timeout_s: float = Field(120.0, gt=0)
     retry_after_s: int = Field(5, ge=1, description="Retry-After sent with 503 answers.")
     api_key_cache_s: float = Field(5.0, ge=0, le=60, description="Bound on how long a revoked key keeps working.")
+    api_key_last_used_flush_s: float = Field(60.0, gt=0, description="Last-used times are written behind, this often (read at start).")
     trusted_proxies: list[str] = Field(default_factory=list, description="Peers whose X-Forwarded-For is believed.")
     plans: dict[str, Plan] = Field(default_factory=_default_plans)
     oauth: OAuthOptions = Field(default_factory=OAuthOptions)

@@ -67,8 +67,8 @@ _CATALOGUE = [
     ProblemType("no-alignment-found", 422, "The transcript could not be aligned to the audio"),
     ProblemType("unpronounceable-unit", 422, "The transcript has a word the backend cannot pronounce"),
     # authentication and traffic control
-    ProblemType("unauthorized", 401, "Authentication required"),
-    ProblemType("forbidden", 403, "The credential lacks the required scope"),
+    ProblemType("unauthenticated", 401, "A valid credential is required"),
+    ProblemType("insufficient-scope", 403, "The credential lacks the required scope"),
     ProblemType("quota-exceeded", 429, "Request quota exceeded", _IANA + "quota-exceeded"),
     ProblemType("abnormal-usage-detected", 429, "Abnormal usage detected", _IANA + "abnormal-usage-detected"),
     ProblemType("temporary-reduced-capacity", 503, "Temporarily reduced capacity", _IANA + "temporary-reduced-capacity"),

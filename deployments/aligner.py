@@ -26,6 +26,8 @@ from serve_app.settings import AlignerOptions, GraphArgs
 
 logger = logging.getLogger("ray.serve")
 
+_WAIT_SMOOTHING = 0.2  # weight of the newest wait in the moving average
+
 
 @serve.deployment(
     name="Aligner",
@@ -39,20 +41,37 @@ class Aligner:
     def __init__(self, args: GraphArgs) -> None:
         self._backend = load_backend(args)
         self._batch_sizes: Counter[int] = Counter()
+        self._waiting = 0  # jobs that entered align() and wait for a batch
+        self._running = 0  # jobs in the batch being aligned
+        self._batch_wait_s = 0.0  # moving average of how long a job waits for its batch
 
     def reconfigure(self, user_config: dict) -> None:
         options = AlignerOptions.model_validate(user_config)
         self._align_batch.set_max_batch_size(options.max_batch_size)
         self._align_batch.set_batch_wait_timeout_s(options.batch_wait_timeout_s)
+        self._capacity = 2 * options.max_batch_size  # one batch running, one filling
 
     async def info(self) -> BackendInfo:
         return self._backend.info
 
     async def align(self, job: AlignmentJob) -> list[UnitTiming] | AlignmentFailed:
-        return await self._align_batch(job)
+        self._waiting += 1
+        return await self._align_batch((job, time.perf_counter()))
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05)
-    async def _align_batch(self, jobs: list[AlignmentJob]) -> list[list[UnitTiming] | AlignmentFailed]:
+    async def _align_batch(self, entries: list[tuple[AlignmentJob, float]]) -> list[list[UnitTiming] | AlignmentFailed]:
+        started = time.perf_counter()
+        jobs = [job for job, _ in entries]
+        for _, entered in entries:
+            self._batch_wait_s += _WAIT_SMOOTHING * ((started - entered) - self._batch_wait_s)
+        self._waiting -= len(jobs)
+        self._running = len(jobs)
+        try:
+            return await self._run(jobs)
+        finally:
+            self._running = 0
+
+    async def _run(self, jobs: list[AlignmentJob]) -> list[list[UnitTiming] | AlignmentFailed]:
         backend = self._backend.info.name
         self._batch_sizes[len(jobs)] += 1
         metrics.BATCH_SIZE.observe(len(jobs), tags={"backend": backend})
@@ -61,6 +80,15 @@ class Aligner:
         outcomes = await asyncio.to_thread(self._backend.align_batch, jobs)
         metrics.INFERENCE_SECONDS.observe(time.perf_counter() - started, tags={"backend": backend})
         return outcomes
+
+    async def load(self) -> dict[str, float]:
+        """This replica's load, sampled by the ingress's shedder (serve_app.security.shedding.LoadSample)."""
+        return {
+            "aligner_ongoing": self._running,
+            "aligner_queued": self._waiting,
+            "aligner_capacity": self._capacity,
+            "batch_wait_s": self._batch_wait_s,
+        }
 
     async def batch_sizes(self) -> dict[int, int]:
         """How many batches of each size this replica has run (for tests and bench/)."""

@@ -37,6 +37,7 @@ _CLAMD_PROBE_INTERVAL_S = 5.0
 class Scanner:
     def __init__(self) -> None:
         self._clamd_address = Environment.from_env().clamd_address
+        self._in_flight = 0
         self._probe = asyncio.get_running_loop().create_task(self._probe_clamd())
 
     def reconfigure(self, user_config: dict) -> None:
@@ -44,10 +45,19 @@ class Scanner:
         options = ScannerOptions.model_validate(user_config)
         self._limits = decode_limits(options)
         self._clamd = ClamdScanner(self._clamd_address, options.clamd_timeout_s)
+        # Bounds the decodes (and their memory) running at once in this replica, whatever
+        # max_ongoing_requests lets in; it is also the capacity the shedder compares load with.
+        self._capacity = options.max_concurrent_scans
+        self._slots = asyncio.Semaphore(options.max_concurrent_scans)
 
     async def inspect(self, upload: np.ndarray) -> Verdict:
         """Scan and decode one upload (uint8 array). Runs in a worker thread: it blocks."""
-        verdict = await asyncio.to_thread(inspect_upload, upload.tobytes(), self._clamd, self._limits)
+        self._in_flight += 1
+        try:
+            async with self._slots:
+                verdict = await asyncio.to_thread(inspect_upload, upload.tobytes(), self._clamd, self._limits)
+        finally:
+            self._in_flight -= 1
         if isinstance(verdict, ScanUnavailable):
             metrics.SCANNER_VERDICTS.inc(tags={"verdict": "unavailable"})
             metrics.DEPENDENCY_ERRORS.inc(tags={"dependency": "clamd", "use": "scan"})
@@ -59,6 +69,9 @@ class Scanner:
         else:
             metrics.SCANNER_VERDICTS.inc(tags={"verdict": "clean"})
         return verdict
+
+    async def load(self) -> dict[str, int]:
+        return {"scanner_backlog": self._in_flight, "scanner_capacity": self._capacity}
 
     async def ready(self) -> bool:
         """Readiness: clamd answers (without it every upload is refused)."""

@@ -11,6 +11,10 @@ dependency names. Never a key id, a client IP, a principal or a path with an id 
 
 from __future__ import annotations
 
+import time
+from contextlib import contextmanager
+from typing import Iterator
+
 from ray.serve.metrics import Counter, Gauge, Histogram
 
 _LATENCY_BOUNDARIES_S = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60]
@@ -41,3 +45,13 @@ INFERENCE_SECONDS = Histogram(
 )
 DEPENDENCY_UP = Gauge("aligner_dependency_up", "1 when the dependency answered its last probe.", tag_keys=("dependency",))
 DEPENDENCY_ERRORS = Counter("aligner_dependency_errors", "Calls to a dependency that failed.", tag_keys=("dependency", "use"))
+
+
+@contextmanager
+def timed(stage: str) -> Iterator[None]:
+    """Observe the block's duration as aligner_stage_seconds{stage=...}, even when it raises."""
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        STAGE_SECONDS.observe(time.perf_counter() - started, tags={"stage": stage})

@@ -177,6 +177,7 @@ class ScannerOptions(_Strict):
     max_sample_rate: int = Field(192_000, ge=8_000)
     max_decode_wall_seconds: float = Field(20.0, gt=0)
     clamd_timeout_s: float = Field(10.0, gt=0, description="Bound on one clamd scan, connecting included.")
+    max_concurrent_scans: int = Field(4, ge=1, le=64, description="Decodes running at once per replica.")
 
 
 class AlignerOptions(_Strict):

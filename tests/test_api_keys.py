@@ -20,7 +20,6 @@ from serve_app.security.api_keys import (
 )
 from serve_app.security.authenticate import Authenticator, AuthFailure, www_authenticate
 
-pytest_plugins = ["tests.support.auth_fixtures"]  # api_key_pepper, redis_client, api_key_store
 pytestmark = pytest.mark.asyncio
 
 

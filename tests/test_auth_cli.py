@@ -13,7 +13,6 @@ from serve_app.security.api_keys import ApiKeyVerifier, parse_api_key
 from serve_app.security.authenticate import AuthFailure
 from tests.support.cluster import ROOT
 
-pytest_plugins = ["tests.support.auth_fixtures"]  # api_key_pepper, redis_client, api_key_store
 
 
 @pytest.fixture

@@ -16,7 +16,6 @@ from serve_app.security.oauth import JwtVerifier
 from serve_app.settings import OAuthIssuer, OAuthOptions
 from tests.support.issuer import AUDIENCE, LoopbackIssuer
 
-pytest_plugins = ["tests.support.auth_fixtures"]  # api_key_pepper, redis_client, api_key_store
 pytestmark = pytest.mark.asyncio
 
 

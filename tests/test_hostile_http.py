@@ -2,7 +2,8 @@
 
 Uploads go to the tiny-Qwen3 application, whose aligner places any transcript on any audio, so an
 accepted upload answers 200 and a refused one its documented problem. After the corpus the service
-still serves a valid request.
+still serves a valid request. Each case uses a key of its own: one malware hit rightly bans the key
+that sent it.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import time
 
 import pytest
 
+from tests.conftest import create_api_key
 from tests.support.audio import encode, silence_flac, tone
 from tests.support.hostile import HOSTILE_CASES, HostileCase
 from tests.test_api import assert_problem, post_align
@@ -21,9 +23,10 @@ QWEN3 = "/qwen3"
 
 
 @pytest.mark.parametrize("case", HOSTILE_CASES, ids=lambda case: case.name)
-def test_hostile_upload_gets_its_documented_answer(client, case: HostileCase):
+def test_hostile_upload_gets_its_documented_answer(client, redis_server, case: HostileCase):
+    key = create_api_key(redis_server, "hostile-corpus", ["align"], "unlimited")
     files = {"audio": (case.filename, case.build(), "audio/wav")}
-    response = client.post(f"{QWEN3}/v1/align", files=files, data={"text": "hello"})
+    response = client.post(f"{QWEN3}/v1/align", files=files, data={"text": "hello"}, headers={"Authorization": f"Bearer {key}"})
     if case.accepted:
         assert response.status_code == 200, response.text
     else:

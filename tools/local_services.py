@@ -50,7 +50,7 @@ def _wait_until(ready, timeout_s: float, what: str) -> None:
 
 @dataclass
 class RedisServer:
-    """A throwaway redis-server on 127.0.0.1; stop() and start() keep the same port (failure tests)."""
+    """A redis-server on 127.0.0.1; stop() and start() keep the port and the data (failure tests)."""
 
     directory: Path
     port: int = field(default_factory=free_port)
@@ -65,7 +65,8 @@ class RedisServer:
         command = [
             shutil.which("redis-server") or "redis-server",
             "--bind", "127.0.0.1", "--port", str(self.port), "--protected-mode", "yes",
-            "--save", "", "--appendonly", "no", "--dir", str(self.directory),
+            # Append-only file: keys and bans survive a restart (tests stop Redis mid-run).
+            "--save", "", "--appendonly", "yes", "--dir", str(self.directory),
             "--logfile", str(self.directory / "redis.log"),
             "--pidfile", str(self.directory / "redis.pid"),
             "--daemonize", "yes" if daemonize else "no",

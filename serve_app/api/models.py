@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from serve_app.api.formats import OutputFormat
 from serve_app.api.languages import accepted_values
@@ -89,3 +89,43 @@ class Readiness(BaseModel):
     backend: str | None = Field(None, description="The aligner backend actually loaded.")
     model: str | None = None
     checks: dict[str, DependencyStatus]
+
+
+class KeyCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    owner: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.@-]+$")
+    scopes: list[Literal["align", "admin"]] = Field(min_length=1)
+    plan: str = Field("standard", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    expires_in_days: float | None = Field(None, gt=0, le=3650)
+
+
+class KeyRotate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    overlap_hours: float = Field(24, ge=0, le=24 * 90, description="How long the old key keeps working.")
+
+
+class KeyOut(BaseModel):
+    key_id: str
+    owner: str
+    scopes: list[str]
+    plan: str
+    state: Literal["active", "expired", "revoked"]
+    created_at: float
+    expires_at: float | None
+    revoked_at: float | None
+    last_used_at: float | None
+    replaced_by: str | None
+
+
+class KeyCreated(BaseModel):
+    key: str = Field(description="The API key. Shown once: store it now.")
+    record: KeyOut
+
+
+class BanOut(BaseModel):
+    subject: str
+    reason: str
+    offence: int
+    retry_after_s: int

@@ -1,0 +1,98 @@
+"""Admin routes under /v1/admin: API keys and bans. Every route requires the `admin` scope.
+
+Secrets appear exactly once, in the answer that creates or rotates a key; no route ever returns
+a digest. Every action is written to the audit log.
+"""
+
+# No `from __future__ import annotations`: FastAPI resolves these annotations at runtime.
+
+import time
+
+from fastapi import APIRouter, Depends, Query
+
+from serve_app.api.dependencies import authorized, gate
+from serve_app.api.gate import Caller, Gate
+from serve_app.api.models import BanOut, KeyCreate, KeyCreated, KeyOut, KeyRotate
+from serve_app.api.models import Problem as ProblemModel
+from serve_app.api.problems import PROBLEM_MEDIA_TYPE, Problem
+from serve_app.security.api_keys import KeyRecord, UnknownKey
+
+_ERRORS = {status: {"model": ProblemModel, "content": {PROBLEM_MEDIA_TYPE: {}}} for status in (400, 401, 403, 404, 422, 429, 503)}
+router = APIRouter(prefix="/v1/admin", tags=["admin"], responses=_ERRORS)
+admin = authorized("admin")
+
+_SECONDS_PER_DAY = 86_400
+
+
+def _key_out(record: KeyRecord) -> KeyOut:
+    return KeyOut(
+        key_id=record.key_id,
+        owner=record.owner,
+        scopes=sorted(record.scopes),
+        plan=record.plan,
+        state=record.state(time.time()),
+        created_at=record.created_at,
+        expires_at=record.expires_at,
+        revoked_at=record.revoked_at,
+        last_used_at=record.last_used_at,
+        replaced_by=record.replaced_by,
+    )
+
+
+def _known_plan(gate: Gate, plan: str) -> None:
+    if plan not in gate.options.plans:
+        raise Problem("invalid-request", f"unknown plan; configured plans: {', '.join(sorted(gate.options.plans))}")
+
+
+@router.get("/keys", response_model=list[KeyOut], summary="List API keys (never their secrets)")
+async def list_keys(owner: str | None = Query(None, max_length=64), caller: Caller = Depends(admin), gate: Gate = Depends(gate)):
+    return [_key_out(record) for record in await gate.api_keys.list(owner)]
+
+
+@router.post("/keys", response_model=KeyCreated, status_code=201, summary="Create an API key (the secret is shown once)")
+async def create_key(body: KeyCreate, caller: Caller = Depends(admin), gate: Gate = Depends(gate)):
+    _known_plan(gate, body.plan)
+    expires_in_s = body.expires_in_days * _SECONDS_PER_DAY if body.expires_in_days else None
+    text, record = await gate.api_keys.create(body.owner, body.scopes, body.plan, expires_in_s)
+    gate.audit.record(caller.audit, "admin", "allowed", "key-created", key_id=record.key_id, plan=record.plan)
+    return KeyCreated(key=text, record=_key_out(record))
+
+
+@router.get("/keys/{key_id}", response_model=KeyOut, summary="Show one API key")
+async def show_key(key_id: str, caller: Caller = Depends(admin), gate: Gate = Depends(gate)):
+    record = await gate.api_keys.get(key_id)
+    if record is None:
+        raise Problem("not-found", "no such key")
+    return _key_out(record)
+
+
+@router.post("/keys/{key_id}/revoke", response_model=KeyOut, summary="Revoke an API key")
+async def revoke_key(key_id: str, caller: Caller = Depends(admin), gate: Gate = Depends(gate)):
+    try:
+        record = await gate.api_keys.revoke(key_id)
+    except UnknownKey:
+        raise Problem("not-found", "no such key") from None
+    gate.audit.record(caller.audit, "admin", "allowed", "key-revoked", key_id=key_id)
+    return _key_out(record)
+
+
+@router.post("/keys/{key_id}/rotate", response_model=KeyCreated, summary="Issue a successor; the old key lives for the overlap")
+async def rotate_key(key_id: str, body: KeyRotate, caller: Caller = Depends(admin), gate: Gate = Depends(gate)):
+    try:
+        text, record = await gate.api_keys.rotate(key_id, body.overlap_hours * 3600)
+    except UnknownKey:
+        raise Problem("not-found", "no such key") from None
+    gate.audit.record(caller.audit, "admin", "allowed", "key-rotated", key_id=key_id, successor=record.key_id)
+    return KeyCreated(key=text, record=_key_out(record))
+
+
+@router.get("/bans", response_model=list[BanOut], summary="List active bans")
+async def list_bans(caller: Caller = Depends(admin), gate: Gate = Depends(gate)):
+    return [BanOut(subject=ban.subject, reason=ban.reason, offence=ban.offence, retry_after_s=ban.retry_after_s) for ban in await gate.abuse.list_bans()]
+
+
+@router.delete("/bans/{subject}", status_code=204, summary="Lift a ban (subject as listed, e.g. ip:203.0.113.7)")
+async def lift_ban(subject: str, caller: Caller = Depends(admin), gate: Gate = Depends(gate)):
+    if not await gate.abuse.lift(subject):
+        raise Problem("not-found", "no such ban")
+    gate.audit.record(caller.audit, "admin", "allowed", "ban-lifted", subject=subject)

@@ -1,0 +1,205 @@
+"""The ingress's security decisions, one method per step of the request path.
+
+    admit()          client IP (trusted proxies only), ban check, pre-authentication IP bucket
+    authenticate()   credential -> Principal, scope, principal ban, load shedding, request bucket
+    charge_audio()   decoded audio seconds against the principal's audio bucket
+    upload_refused() count refused uploads and malware toward abuse bans
+
+Each step turns its decision into a problem (4xx/503), a metric and an audit line; the modules it
+composes (serve_app.security.*) know nothing of HTTP. One Gate per ingress replica: it owns the
+replica's Redis client and the verifiers' caches.
+
+Failure policy when Redis is down:
+- authentication (API keys): fail CLOSED, 503 + Retry-After, aligner_dependency_errors{redis,auth};
+- rate limits: fail OPEN by default (RateLimitOptions.fail_open), counted as
+  aligner_ratelimit_decisions{result="error_allowed"}; the per-replica concurrency cap still holds;
+- bans: not enforced while Redis is down (counted), enforced again when it is back.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import httpx
+from fastapi import Request
+
+from serve_app import metrics
+from serve_app.api.problems import Problem
+from serve_app.security.abuse import AbuseEvent, AbuseMonitor
+from serve_app.security.api_keys import ApiKeyStore, ApiKeyVerifier
+from serve_app.security.audit import AuditContext, AuditLog
+from serve_app.security.authenticate import AuthFailure, Authenticator, www_authenticate
+from serve_app.security.client_ip import client_ip
+from serve_app.security.oauth import JwtVerifier
+from serve_app.security.principal import Principal
+from serve_app.security.ratelimit import Decision, RateLimiter, TokenBucketLimiter, principal_key
+from serve_app.security.redis_store import request_path_client
+from serve_app.security.shedding import LoadShedder
+from serve_app.settings import Environment, IngressOptions
+
+logger = logging.getLogger("ray.serve")
+
+_AUTH_PROBLEMS = {400: "invalid-request", 401: "unauthenticated", 403: "insufficient-scope", 503: "service-unavailable"}
+_REJECTION_EVENTS: dict[str, AbuseEvent] = {"malware-detected": "malware"}
+
+
+@dataclass
+class Caller:
+    """Who is calling and what they were granted, for one request."""
+
+    request_id: str
+    client_ip: str
+    route: str
+    principal: Principal | None = None
+    decisions: dict[str, Decision] = field(default_factory=dict)  # latest per policy: response headers
+
+    @property
+    def audit(self) -> AuditContext:
+        return AuditContext(self.request_id, self.client_ip, self.route, self.principal.id if self.principal else None)
+
+    @property
+    def principal_key(self) -> str | None:
+        return principal_key(self.principal) if self.principal else None
+
+
+class Gate:
+    def __init__(self, environment: Environment, options: IngressOptions, audit: AuditLog) -> None:
+        if environment.api_key_pepper is None:
+            raise RuntimeError("ALIGNER_API_KEY_PEPPER (or ALIGNER_API_KEY_PEPPER_FILE) must be set")
+        self.redis = request_path_client(environment.redis_url.get_secret_value(), timeout_s=options.rate_limits.redis_timeout_s)
+        self.api_keys = ApiKeyStore(
+            self.redis, environment.api_key_pepper.get_secret_value().encode(), options.api_key_last_used_flush_s
+        )
+        self.http = httpx.AsyncClient()  # JWKS, metadata and introspection fetches
+        self.limiter = RateLimiter(TokenBucketLimiter(self.redis), options.rate_limits, unavailable_retry_after_s=options.retry_after_s)
+        self.abuse = AbuseMonitor(self.redis, options.abuse)
+        self.shedder = LoadShedder(options.shedding)
+        self.audit = audit
+        self._introspection_secret = environment.introspection_client_secret
+        self._oauth = None
+        self.reconfigure(options)
+
+    def reconfigure(self, options: IngressOptions) -> None:
+        self.options = options
+        self.limiter.reconfigure(options.rate_limits)
+        self.abuse.reconfigure(options.abuse)
+        self.shedder.options = options.shedding
+        if options.oauth != self._oauth:  # rebuilding drops the JWKS cache: only when it changed
+            self._oauth = options.oauth
+            secret = self._introspection_secret.get_secret_value() if self._introspection_secret else None
+            jwt = JwtVerifier(options.oauth, self.http, secret) if options.oauth.issuers else None
+            self.authenticator = Authenticator(ApiKeyVerifier(self.api_keys, options.api_key_cache_s), jwt)
+
+    # -- 1-2: before any credential is looked at ------------------------------------------------
+
+    async def admit(self, request: Request, route: str) -> Caller:
+        peer = request.client.host if request.client else "0.0.0.0"
+        caller = Caller(
+            request_id=request.state.request_id,
+            client_ip=client_ip(peer, request.headers.get("x-forwarded-for"), self.options.trusted_proxies),
+            route=route,
+        )
+        await self._refuse_if_banned(caller)
+        with metrics.timed("limit"):
+            await self._enforce(caller, await self.limiter.take_pre_auth(caller.client_ip, load_factor=self.shedder.load_factor))
+        return caller
+
+    # -- 3-5: who, may they, and is there room ---------------------------------------------------
+
+    async def authenticate(self, request: Request, caller: Caller, scope: str) -> Principal:
+        with metrics.timed("auth"):
+            try:
+                principal = await self.authenticator.authenticate(request.headers)
+                self.authenticator.authorize(principal, scope)
+            except AuthFailure as failure:
+                await self._auth_failed(caller, failure)
+        caller.principal = principal
+        self.audit.record(caller.audit, "auth", "allowed", "authenticated", method=principal.method, plan=principal.plan)
+        await self._refuse_if_banned(caller)
+
+        plan = self.options.plans.get(principal.plan, self.options.plans["standard"])
+        if self.shedder.should_shed(plan.priority):
+            metrics.SHED.inc(tags={"plan": principal.plan})
+            self.audit.record(caller.audit, "shed", "denied", "load", load_level=round(self.shedder.level, 3))
+            raise Problem(
+                "temporary-reduced-capacity",
+                "the service is shedding load; retry later",
+                headers={"Retry-After": str(self.options.retry_after_s)},
+            )
+        with metrics.timed("limit"):
+            await self._enforce(caller, await self.limiter.take_request(principal, plan, load_factor=self.shedder.load_factor))
+        return principal
+
+    async def close(self) -> None:
+        await self.api_keys.flush_last_used()
+        await self.http.aclose()
+        await self.redis.aclose()
+
+    async def _auth_failed(self, caller: Caller, failure: AuthFailure) -> None:
+        metrics.AUTH_FAILURES.inc(tags={"method": failure.method or "none", "reason": failure.reason})
+        self.audit.record(caller.audit, "auth", "denied", failure.reason, method=failure.method, status=failure.status)
+        headers: dict[str, str] = {}
+        if failure.status == 503:
+            metrics.DEPENDENCY_ERRORS.inc(tags={"dependency": "redis" if failure.method == "api_key" else "issuer", "use": "auth"})
+            headers["Retry-After"] = str(self.options.retry_after_s)
+        else:
+            headers["WWW-Authenticate"] = www_authenticate(failure)
+        if failure.status in (400, 401):
+            # Counted by IP only: key ids are not secret, so counting failures against a claimed id
+            # would let anyone get someone else's key banned.
+            await self._record(caller, "auth_failure", by_principal=False)
+        raise Problem(_AUTH_PROBLEMS[failure.status], failure.description, headers=headers)
+
+    # -- 7: after the scanner ---------------------------------------------------------------------
+
+    async def charge_audio(self, caller: Caller, decoded_seconds: float) -> None:
+        assert caller.principal is not None
+        plan = self.options.plans.get(caller.principal.plan, self.options.plans["standard"])
+        with metrics.timed("limit"):
+            decision = await self.limiter.take_audio_seconds(
+                caller.principal, plan, decoded_seconds, load_factor=self.shedder.load_factor
+            )
+        await self._enforce(caller, decision, decoded_seconds=round(decoded_seconds, 3))
+
+    async def upload_refused(self, caller: Caller, slug: str, signature: str | None = None) -> None:
+        event = _REJECTION_EVENTS.get(slug, "rejected_upload")
+        self.audit.record(caller.audit, "scan", "denied", slug, signature=signature)
+        await self._record(caller, event, by_principal=True)
+
+    # -- shared ------------------------------------------------------------------------------------
+
+    async def _enforce(self, caller: Caller, decision: Decision, **numbers: float) -> None:
+        result = "error_allowed" if decision.error_allowed else ("allowed" if decision.allowed else ("error_denied" if decision.store_error else "denied"))
+        metrics.RATELIMIT_DECISIONS.inc(tags={"policy": decision.policy, "result": result})
+        if not decision.store_error:
+            caller.decisions[decision.policy] = decision
+        if decision.allowed:
+            return
+        self.audit.record(caller.audit, "limit", "denied", decision.policy, remaining=decision.remaining, limit=decision.limit, **numbers)
+        if decision.store_error:
+            raise Problem("service-unavailable", "rate limiting is unavailable; retry later", headers={"Retry-After": str(self.options.retry_after_s)})
+        await self._record(caller, "rate_limited", by_principal=True)
+        raise Problem(
+            "quota-exceeded",
+            f"the {decision.policy} quota is exhausted; retry after the Retry-After delay",
+            extensions={"violated-policies": [decision.policy]},
+        )
+
+    async def _refuse_if_banned(self, caller: Caller) -> None:
+        ban = await self.abuse.is_banned(caller.client_ip, caller.principal_key)
+        if ban is None:
+            return
+        metrics.BANS.inc(tags={"subject": ban.subject.split(":", 1)[0], "action": "enforced"})
+        self.audit.record(caller.audit, "ban", "denied", ban.reason, retry_after_s=ban.retry_after_s, offence=ban.offence)
+        raise Problem(
+            "abnormal-usage-detected",
+            "requests from this client are temporarily refused after abnormal usage",
+            headers={"Retry-After": str(ban.retry_after_s)},
+        )
+
+    async def _record(self, caller: Caller, event: AbuseEvent, *, by_principal: bool) -> None:
+        bans = await self.abuse.record(event, caller.client_ip, caller.principal_key if by_principal else None)
+        for ban in bans:
+            metrics.BANS.inc(tags={"subject": ban.subject.split(":", 1)[0], "action": "imposed"})
+            self.audit.record(caller.audit, "ban", "imposed", ban.reason, duration_s=ban.duration_s, offence=ban.offence)

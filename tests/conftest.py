@@ -44,6 +44,8 @@ def _test_ingress(app: dict) -> dict:
     ingress["user_config"].update(
         trusted_proxies=["127.0.0.1/32"],
         plans={"standard": {}, "premium": {"priority": 5}, **TEST_PLANS},
+        # The whole suite comes from loopback: its per-IP bucket must not be what tests measure.
+        rate_limits={"pre_auth_burst": 100000, "pre_auth_per_minute": 100000},
     )
     return ingress
 
@@ -66,6 +68,14 @@ def _test_applications(tiny_checkpoint: Path) -> list[dict]:
 def redis_server(tmp_path_factory) -> RedisServer:
     """A real redis-server for the session (data survives stop/start: tests stop it mid-run)."""
     server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def private_redis_server(tmp_path) -> RedisServer:
+    """A redis-server of the test's own, for tests that stop Redis without disturbing the others."""
+    server = RedisServer(tmp_path / "redis").start()
     yield server
     server.stop()
 

@@ -16,7 +16,6 @@ import pytest_asyncio
 from serve_app.security.abuse import AbuseMonitor, ip_subject, principal_subject
 from serve_app.security.redis_store import request_path_client
 from serve_app.settings import AbuseOptions
-from tests.support.redis_servers import private_redis_server  # noqa: F401 (fixture)
 
 
 @pytest_asyncio.fixture

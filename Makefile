@@ -17,11 +17,16 @@ export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 # Strip client-controlled timeout headers at Serve's proxy (serve_app/proxy_middleware.py).
 export RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH := serve_app.proxy_middleware:proxy_middlewares
 
-APT_PACKAGES := libmagic1 espeak-ng
+# redis-server and clamd are real dependencies (tests and `make serve` run their own, on loopback);
+# prometheus brings promtool, which checks the alert rules in the tests.
+APT_PACKAGES := libmagic1 espeak-ng redis-server clamav-daemon prometheus
 SAMPLE := var/sample.wav
+SERVICES := var/services
+PEPPER := var/api-key-pepper
+DEV_KEY := var/dev-api-key
 SAMPLE_TEXT := The quick brown fox jumps over the lazy dog while the band plays on.
 
-.PHONY: serve test venv system-deps sample clean
+.PHONY: serve test venv system-deps sample services stop-services clean
 
 system-deps:
 	@missing=$$(for package in $(APT_PACKAGES); do dpkg -s $$package >/dev/null 2>&1 || echo $$package; done); \
@@ -46,16 +51,38 @@ $(SAMPLE): | system-deps
 
 sample: $(SAMPLE)
 
-serve: venv system-deps sample
+# Where the service finds its dependencies and its one secret (serve_app.settings.Environment).
+export ALIGNER_REDIS_URL := redis://127.0.0.1:6380/0
+export ALIGNER_CLAMD_ADDRESS := unix://$(CURDIR)/$(SERVICES)/clamd/clamd.sock
+export ALIGNER_API_KEY_PEPPER_FILE := $(CURDIR)/$(PEPPER)
+
+$(PEPPER):
+	mkdir -p $(dir $@)
+	umask 077 && head -c 32 /dev/urandom | base64 > $@
+
+# Redis (append-only, port 6380) and clamd (generated signature DB), as background daemons.
+services: venv system-deps
+	$(PY) -m tools.local_services start $(SERVICES)
+
+stop-services:
+	$(PY) -m tools.local_services stop $(SERVICES)
+
+# A local development key (align + admin), created once and kept in var/ (never committed).
+$(DEV_KEY): | $(PEPPER) services
+	umask 077 && $(PY) -m serve_app.cli keys create --owner local-dev --scope align --scope admin --plan premium \
+		| sed -n 's/^api_key: //p' > $@
+
+serve: venv system-deps sample $(PEPPER) services $(DEV_KEY)
 	@echo
 	@echo "  Starting the API on http://127.0.0.1:8000 (ready in ~30 s). Try:"
-	@echo "    curl -s -F audio=@$(SAMPLE) -F 'text=$(SAMPLE_TEXT)' http://127.0.0.1:8000/v1/align"
-	@echo "  Docs: http://127.0.0.1:8000/v1/docs   Readiness: http://127.0.0.1:8000/v1/ready"
+	@echo "    curl -s -H \"Authorization: Bearer $$(cat $(DEV_KEY))\" -F audio=@$(SAMPLE) -F 'text=$(SAMPLE_TEXT)' http://127.0.0.1:8000/v1/align"
+	@echo "  Docs: http://127.0.0.1:8000/v1/docs   Readiness: http://127.0.0.1:8000/v1/ready   Ray dashboard: http://127.0.0.1:8265"
+	@echo "  Local dev key (align + admin) in $(DEV_KEY); Redis and clamd keep running: make stop-services"
 	@echo
 	$(VENV)/bin/serve run configs/serve.yaml
 
 test: venv system-deps
 	$(PY) -m pytest
 
-clean:
+clean: stop-services
 	rm -rf $(VENV) var

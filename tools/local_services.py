@@ -197,7 +197,7 @@ def main(argv: list[str]) -> int:
     if not clamd.answers():
         clamd.start(daemonize=True)
     print(f"ALIGNER_REDIS_URL={redis_server.url}")
-    print(f"ALIGNER_CLAMD_SOCKET={clamd.socket_path}")
+    print(f"ALIGNER_CLAMD_ADDRESS=unix://{clamd.socket_path}")
     return 0
 
 

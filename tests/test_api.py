@@ -221,7 +221,14 @@ def test_decoded_duration_cap(client):
 
 @pytest.mark.parametrize(
     ("text", "slug"),
-    [("", "invalid-transcript"), ("— …", "invalid-transcript"), ("hello \u202eworld", "invalid-transcript"), ("x" * 20_001, "transcript-too-long")],
+    [
+        ("", "invalid-transcript"),
+        ("— …", "invalid-transcript"),
+        ("hello \u202eworld", "invalid-transcript"),
+        ("x" * 20_001, "transcript-too-long"),
+        ("word " * 200_000, "transcript-too-long"),  # 1 MB: refused while the field streams
+    ],
+    ids=["empty", "punctuation-only", "bidi-override", "over-char-cap", "one-megabyte"],
 )
 def test_bad_transcripts(client, eval_utterances, text, slug):
     response = post_align(client, eval_clip(eval_utterances[0]), text)

@@ -5,6 +5,8 @@
     python -m serve_app.cli keys show KEY_ID
     python -m serve_app.cli keys revoke KEY_ID
     python -m serve_app.cli keys rotate KEY_ID [--overlap-hours H]
+    python -m serve_app.cli bans list
+    python -m serve_app.cli bans lift SUBJECT          (as listed, e.g. ip:203.0.113.7)
 
 Redis and the pepper come from the environment (ALIGNER_REDIS_URL, ALIGNER_API_KEY_PEPPER or
 ALIGNER_API_KEY_PEPPER_FILE), read by `Environment.from_env()`. A new key is printed once, at
@@ -25,8 +27,9 @@ from datetime import datetime, timezone
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from serve_app.security.abuse import AbuseMonitor
 from serve_app.security.api_keys import MIN_PEPPER_BYTES, ApiKeyStore, KeyRecord, UnknownKey
-from serve_app.settings import Environment
+from serve_app.settings import AbuseOptions, Environment
 
 SECONDS_PER_DAY = 86400
 SECONDS_PER_HOUR = 3600
@@ -96,9 +99,22 @@ async def _run_keys(arguments: argparse.Namespace, store: ApiKeyStore) -> int:
     return 0
 
 
+async def _run_bans(arguments: argparse.Namespace, monitor: AbuseMonitor) -> int:
+    if arguments.bans_command == "list":
+        for ban in await monitor.list_bans():
+            print(f"{ban.subject}  reason={ban.reason}  offence={ban.offence}  remaining_s={ban.retry_after_s}")
+        return 0
+    if await monitor.lift(arguments.subject):
+        return 0
+    print(f"no such ban: {arguments.subject}", file=sys.stderr)
+    return 1
+
+
 async def _main_async(arguments: argparse.Namespace, redis_url: str, pepper: bytes) -> int:
     redis = Redis.from_url(redis_url, socket_connect_timeout=5, socket_timeout=5)
     try:
+        if arguments.group == "bans":
+            return await _run_bans(arguments, AbuseMonitor(redis, AbuseOptions()))
         return await _run_keys(arguments, ApiKeyStore(redis, pepper))
     except UnknownKey as error:
         print(f"no such key: {error.args[0]}", file=sys.stderr)
@@ -134,6 +150,10 @@ def _parser() -> argparse.ArgumentParser:
     rotate = keys.add_parser("rotate", help="issue a replacement; the old key works for the overlap")
     rotate.add_argument("key_id")
     rotate.add_argument("--overlap-hours", type=float, default=24.0)
+
+    bans = groups.add_parser("bans", help="list or lift temporary bans").add_subparsers(dest="bans_command", required=True)
+    bans.add_parser("list", help="active bans")
+    bans.add_parser("lift", help="lift a ban and forget its offences").add_argument("subject")
     return parser
 
 
@@ -141,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     arguments = _parser().parse_args(argv)
     environment = Environment.from_env()
     pepper = environment.api_key_pepper.get_secret_value().encode() if environment.api_key_pepper else b""
-    if len(pepper) < MIN_PEPPER_BYTES:
+    if arguments.group == "keys" and len(pepper) < MIN_PEPPER_BYTES:
         print(
             f"ALIGNER_API_KEY_PEPPER (or ALIGNER_API_KEY_PEPPER_FILE) must hold at least {MIN_PEPPER_BYTES} bytes",
             file=sys.stderr,

@@ -1,4 +1,4 @@
-"""`python -m serve_app.cli keys ...` as an operator runs it: a subprocess against the real Redis."""
+"""`python -m serve_app.cli keys|bans ...` as an operator runs it: a subprocess against the real Redis."""
 
 from __future__ import annotations
 
@@ -11,21 +11,22 @@ import pytest
 
 from serve_app.security.api_keys import ApiKeyVerifier, parse_api_key
 from serve_app.security.authenticate import AuthFailure
+from serve_app.security.abuse import AbuseMonitor
+from serve_app.settings import AbuseOptions
 from tests.support.cluster import ROOT
-
 
 
 @pytest.fixture
 def cli(redis_server, api_key_pepper):
-    """Run `python -m serve_app.cli keys ARGS...` with only this session's Redis and pepper set."""
+    """Run `python -m serve_app.cli GROUP ARGS...` with only this session's Redis and pepper set."""
 
-    def run(*arguments: str, pepper: bytes | None = api_key_pepper) -> subprocess.CompletedProcess:
+    def run(*arguments: str, pepper: bytes | None = api_key_pepper, group: str = "keys") -> subprocess.CompletedProcess:
         environment = {key: value for key, value in os.environ.items() if not key.startswith("ALIGNER_")}
         environment["ALIGNER_REDIS_URL"] = redis_server.url
         if pepper is not None:
             environment["ALIGNER_API_KEY_PEPPER"] = pepper.decode()
         return subprocess.run(
-            [sys.executable, "-m", "serve_app.cli", "keys", *arguments],
+            [sys.executable, "-m", "serve_app.cli", group, *arguments],
             cwd=ROOT, env=environment, capture_output=True, text=True, timeout=60,
         )  # fmt: skip
 
@@ -84,3 +85,16 @@ def test_unknown_key_missing_pepper_and_redis_down_have_distinct_exit_codes(cli,
     finally:
         redis_server.start()
     assert down.returncode == 3 and redis_server.url not in down.stderr
+
+
+@pytest.mark.asyncio
+async def test_bans_are_listed_and_lifted_through_the_cli(cli, redis_client):
+    monitor = AbuseMonitor(redis_client, AbuseOptions(allow_networks=[], max_malware_hits=1, ban_s=600))
+    ip = f"198.51.100.{uuid.uuid4().int % 250 + 1}"
+    [ban] = await monitor.record("malware", ip)
+    listed = cli("list", group="bans")
+    assert listed.returncode == 0 and ban.subject in listed.stdout and "reason=malware" in listed.stdout
+    assert cli("lift", ban.subject, group="bans").returncode == 0
+    assert await monitor.is_banned(ip) is None
+    assert ban.subject not in cli("list", group="bans").stdout
+    assert cli("lift", ban.subject, group="bans").returncode == 1  # nothing left to lift

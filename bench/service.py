@@ -29,11 +29,17 @@ import httpx
 import numpy as np
 import soundfile
 
+from bench.stack import BENCH_PLAN, Stack, with_bench_plan
 from tests.support.cluster import ROOT, application_from_yaml, start_ray, start_serve
 
 CLIP = ROOT.parent / "shared" / "eval" / "emuR_ae" / "msajc003.wav"
 TRANSCRIPT = "amongst her friends she was considered beautiful"
 TARGET_MEAN_BATCH = 4.0
+API_KEY = ""  # set by main() once the stack is up
+
+
+def _client(url: str) -> httpx.Client:
+    return httpx.Client(base_url=url, timeout=120, headers={"Authorization": f"Bearer {API_KEY}"})
 
 
 def _timed_post(client: httpx.Client, path: str, audio: bytes) -> float:
@@ -45,14 +51,14 @@ def _timed_post(client: httpx.Client, path: str, audio: bytes) -> float:
 
 
 def warm_up(url: str, audio: bytes) -> None:
-    with httpx.Client(base_url=url, timeout=120) as client:
+    with _client(url) as client:
         for path in ("/v1/align", "/qwen3/v1/align", "/bare/v1/align"):
             for _ in range(3):
                 _timed_post(client, path, audio)
 
 
 def p50_latency(url: str, path: str, audio: bytes, concurrency: int, requests: int) -> float:
-    with httpx.Client(base_url=url, timeout=120) as client:
+    with _client(url) as client:
         with concurrent.futures.ThreadPoolExecutor(max_workers=concurrency) as pool:
             latencies = list(pool.map(lambda _: _timed_post(client, path, audio), range(requests)))
     return statistics.median(latencies)
@@ -95,14 +101,22 @@ def main() -> None:
 
     from tests.support.tiny_qwen3 import write_tiny_checkpoint
 
+    global API_KEY
     checkpoint = write_tiny_checkpoint(Path(tempfile.mkdtemp(prefix="tiny-qwen3-")))
+    stack = Stack()
+    API_KEY = stack.api_key(BENCH_PLAN)
     start_ray()
+
+    def pocketsphinx(app: dict) -> None:
+        with_bench_plan(app)["args"].update(backend="pocketsphinx")
+
+    def tiny_qwen3(app: dict) -> None:
+        with_bench_plan(app)["args"].update(backend="qwen3", qwen3_model=str(checkpoint), qwen3_dtype="float32")
+
     url = start_serve(
         [
-            application_from_yaml("aligner", "/", lambda app: app["args"].update(backend="pocketsphinx")),
-            application_from_yaml(
-                "qwen3", "/qwen3", lambda app: app["args"].update(backend="qwen3", qwen3_model=str(checkpoint), qwen3_dtype="float32")
-            ),
+            application_from_yaml("aligner", "/", pocketsphinx),
+            application_from_yaml("qwen3", "/qwen3", tiny_qwen3),
             {"name": "bare", "route_prefix": "/bare", "import_path": "bench.passthrough:build_app"},
         ]
     )

@@ -1,0 +1,61 @@
+"""The whole local stack for benchmarks: Redis, clamd, Ray and Serve, plus API keys.
+
+Benchmarks run the same services as the tests (tools.local_services, tests.support.cluster), in a
+temporary directory, and stop them when the process exits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import os
+import secrets
+import tempfile
+from pathlib import Path
+
+from tools.local_services import ClamdServer, RedisServer
+
+
+class Stack:
+    def __init__(self) -> None:
+        directory = Path(tempfile.mkdtemp(prefix="bench-stack-"))
+        self.redis = RedisServer(directory / "redis").start()
+        self.clamd = ClamdServer(directory / "clamd").start()
+        atexit.register(self.clamd.stop)
+        atexit.register(self.redis.stop)
+        self.pepper = secrets.token_bytes(24).hex().encode()
+        # Replicas inherit the environment Ray starts with (serve_app.settings.Environment).
+        os.environ.update(
+            ALIGNER_REDIS_URL=self.redis.url,
+            ALIGNER_CLAMD_ADDRESS=f"unix://{self.clamd.socket_path}",
+            ALIGNER_API_KEY_PEPPER=self.pepper.decode(),
+            ALIGNER_AUDIT_LOG=str(directory / "audit.jsonl"),
+        )
+
+    def api_key(self, plan: str, scopes: tuple[str, ...] = ("align",)) -> str:
+        from serve_app.security.api_keys import ApiKeyStore
+        from serve_app.security.redis_store import request_path_client
+
+        async def create() -> str:
+            redis = request_path_client(self.redis.url)
+            try:
+                text, _ = await ApiKeyStore(redis, self.pepper).create("bench", scopes, plan)
+                return text
+            finally:
+                await redis.aclose()
+
+        return asyncio.run(create())
+
+
+BENCH_PLAN = "bench"
+
+
+def with_bench_plan(app: dict) -> dict:
+    """Edit an application from configs/serve.yaml so a benchmark's key is never the limit measured."""
+    from tests.support.cluster import deployment_of
+
+    user_config = deployment_of(app, "Ingress")["user_config"]
+    huge = {"requests_burst": 10**7, "requests_per_minute": 10**7, "audio_seconds_burst": 1e9, "audio_seconds_per_hour": 1e9, "priority": 10}
+    user_config["plans"] = {"standard": {}, BENCH_PLAN: huge}
+    user_config["rate_limits"] = {"pre_auth_burst": 10**7, "pre_auth_per_minute": 10**7}
+    return app

@@ -26,7 +26,6 @@ from serve_app.settings import AlignerOptions, GraphArgs
 
 logger = logging.getLogger("ray.serve")
 
-_WAIT_SMOOTHING = 0.2  # weight of the newest wait in the moving average
 
 
 @serve.deployment(
@@ -39,11 +38,11 @@ _WAIT_SMOOTHING = 0.2  # weight of the newest wait in the moving average
 )
 class Aligner:
     def __init__(self, args: GraphArgs) -> None:
+        metrics.label_with_replica()
         self._backend = load_backend(args)
         self._batch_sizes: Counter[int] = Counter()
-        self._waiting = 0  # jobs that entered align() and wait for a batch
+        self._waiting_since: dict[object, float] = {}  # jobs waiting for a batch -> when they arrived
         self._running = 0  # jobs in the batch being aligned
-        self._batch_wait_s = 0.0  # moving average of how long a job waits for its batch
 
     def reconfigure(self, user_config: dict) -> None:
         options = AlignerOptions.model_validate(user_config)
@@ -55,16 +54,18 @@ class Aligner:
         return self._backend.info
 
     async def align(self, job: AlignmentJob) -> list[UnitTiming] | AlignmentFailed:
-        self._waiting += 1
-        return await self._align_batch((job, time.perf_counter()))
+        ticket = object()
+        self._waiting_since[ticket] = time.monotonic()
+        try:
+            return await self._align_batch((job, ticket))
+        finally:
+            self._waiting_since.pop(ticket, None)  # normally gone already, when its batch started
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05)
-    async def _align_batch(self, entries: list[tuple[AlignmentJob, float]]) -> list[list[UnitTiming] | AlignmentFailed]:
-        started = time.perf_counter()
+    async def _align_batch(self, entries: list[tuple[AlignmentJob, object]]) -> list[list[UnitTiming] | AlignmentFailed]:
+        for _, ticket in entries:
+            self._waiting_since.pop(ticket, None)
         jobs = [job for job, _ in entries]
-        for _, entered in entries:
-            self._batch_wait_s += _WAIT_SMOOTHING * ((started - entered) - self._batch_wait_s)
-        self._waiting -= len(jobs)
         self._running = len(jobs)
         try:
             return await self._run(jobs)
@@ -85,9 +86,11 @@ class Aligner:
         """This replica's load, sampled by the ingress's shedder (serve_app.security.shedding.LoadSample)."""
         return {
             "aligner_ongoing": self._running,
-            "aligner_queued": self._waiting,
+            "aligner_queued": len(self._waiting_since),
             "aligner_capacity": self._capacity,
-            "batch_wait_s": self._batch_wait_s,
+            # How long the oldest waiting job has waited so far: the current wait, never a stale
+            # figure from the last busy spell (an idle aligner reports 0).
+            "batch_wait_s": time.monotonic() - min(self._waiting_since.values()) if self._waiting_since else 0.0,
         }
 
     async def batch_sizes(self) -> dict[int, int]:

@@ -109,6 +109,7 @@ async def _request_context(request: Request, call_next):
 @serve.ingress(app)
 class Ingress:
     def __init__(self, scanner: DeploymentHandle, aligner: DeploymentHandle) -> None:
+        metrics.label_with_replica()
         self._scanner = scanner
         self._aligner = aligner
         self._environment = Environment.from_env()

@@ -36,6 +36,7 @@ _CLAMD_PROBE_INTERVAL_S = 5.0
 )
 class Scanner:
     def __init__(self) -> None:
+        metrics.label_with_replica()
         self._clamd_address = Environment.from_env().clamd_address
         self._in_flight = 0
         self._probe = asyncio.get_running_loop().create_task(self._probe_clamd())

@@ -1,9 +1,10 @@
 """Every custom metric, defined in one place.
 
 Each replica runs in its own process, so a prometheus-client registry per process would show one
-replica's numbers. These are Ray metrics (`ray.serve.metrics`): Ray aggregates them per node and
+replica's numbers. These are Ray metrics (`ray.util.metrics`): Ray aggregates them per node and
 exports them on its Prometheus endpoint (`--metrics-export-port`) as `ray_aligner_*`, next to the
-built-in `ray_serve_*` families, with application/deployment/replica tags added automatically.
+built-in `ray_serve_*` families. Each deployment calls `label_with_replica()` first thing in its
+constructor, which adds the application/deployment/replica labels; outside a replica they are empty.
 
 Labels are low-cardinality by construction: route templates, status codes, reason codes, policy and
 dependency names. Never a key id, a client IP, a principal or a path with an id in it.
@@ -15,36 +16,76 @@ import time
 from contextlib import contextmanager
 from typing import Iterator
 
-from ray.serve.metrics import Counter, Gauge, Histogram
+from ray.serve import context as serve_context
+from ray.util.metrics import Counter, Gauge, Histogram
+
+# Labels every metric carries besides its own: which replica recorded it (as ray_serve_* name them).
+REPLICA_TAG_KEYS = ("application", "deployment", "replica")
+
+
+def _tags(*own: str) -> tuple[str, ...]:
+    return (*own, *REPLICA_TAG_KEYS)
+
 
 _LATENCY_BOUNDARIES_S = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60]
 
-REQUESTS = Counter("aligner_requests", "HTTP requests answered by the ingress.", tag_keys=("route", "status"))
+REQUESTS = Counter("aligner_requests", "HTTP requests answered by the ingress.", tag_keys=_tags("route", "status"))
 STAGE_SECONDS = Histogram(
     "aligner_stage_seconds",
     "Time spent in each stage of the request path (auth, limit, upload, scan, align, total).",
     boundaries=_LATENCY_BOUNDARIES_S,
-    tag_keys=("stage",),
+    tag_keys=_tags("stage"),
 )
-AUTH_FAILURES = Counter("aligner_auth_failures", "Rejected credentials.", tag_keys=("method", "reason"))
+AUTH_FAILURES = Counter("aligner_auth_failures", "Rejected credentials.", tag_keys=_tags("method", "reason"))
 RATELIMIT_DECISIONS = Counter(
-    "aligner_ratelimit_decisions", "Rate-limit decisions (allowed, denied, error_allowed, error_denied).", tag_keys=("policy", "result")
+    "aligner_ratelimit_decisions",
+    "Rate-limit decisions (allowed, denied, error_allowed, error_denied).",
+    tag_keys=_tags("policy", "result"),
 )
-SHED = Counter("aligner_shed", "Requests shed under load before queueing.", tag_keys=("plan",))
-BANS = Counter("aligner_bans", "Temporary bans set or enforced.", tag_keys=("subject", "action"))
+SHED = Counter("aligner_shed", "Requests shed under load before queueing.", tag_keys=_tags("plan"))
+BANS = Counter("aligner_bans", "Temporary bans set or enforced.", tag_keys=_tags("subject", "action"))
 SCANNER_VERDICTS = Counter(
-    "aligner_scanner_verdicts", "Scanner outcomes: clean, malware, rejected, unavailable.", tag_keys=("verdict",)
+    "aligner_scanner_verdicts", "Scanner outcomes: clean, malware, rejected, unavailable.", tag_keys=_tags("verdict")
 )
-DECODE_REJECTIONS = Counter("aligner_decode_rejections", "Uploads refused by sniffing or decoding.", tag_keys=("reason",))
-AUDIO_SECONDS = Counter("aligner_audio_seconds", "Decoded audio seconds aligned.", tag_keys=("backend",))
+DECODE_REJECTIONS = Counter("aligner_decode_rejections", "Uploads refused by sniffing or decoding.", tag_keys=_tags("reason"))
+AUDIO_SECONDS = Counter("aligner_audio_seconds", "Decoded audio seconds aligned.", tag_keys=_tags("backend"))
 BATCH_SIZE = Histogram(
-    "aligner_batch_size", "Jobs per aligner batch.", boundaries=[1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64], tag_keys=("backend",)
+    "aligner_batch_size", "Jobs per aligner batch.", boundaries=[1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64], tag_keys=_tags("backend")
 )
 INFERENCE_SECONDS = Histogram(
-    "aligner_inference_seconds", "Backend time per batch.", boundaries=_LATENCY_BOUNDARIES_S, tag_keys=("backend",)
+    "aligner_inference_seconds", "Backend time per batch.", boundaries=_LATENCY_BOUNDARIES_S, tag_keys=_tags("backend")
 )
-DEPENDENCY_UP = Gauge("aligner_dependency_up", "1 when the dependency answered its last probe.", tag_keys=("dependency",))
-DEPENDENCY_ERRORS = Counter("aligner_dependency_errors", "Calls to a dependency that failed.", tag_keys=("dependency", "use"))
+DEPENDENCY_UP = Gauge("aligner_dependency_up", "1 when the dependency answered its last probe.", tag_keys=_tags("dependency"))
+DEPENDENCY_ERRORS = Counter(
+    "aligner_dependency_errors", "Calls to a dependency that failed.", tag_keys=_tags("dependency", "use")
+)
+
+_ALL = (
+    REQUESTS, STAGE_SECONDS, AUTH_FAILURES, RATELIMIT_DECISIONS, SHED, BANS, SCANNER_VERDICTS,
+    DECODE_REJECTIONS, AUDIO_SECONDS, BATCH_SIZE, INFERENCE_SECONDS, DEPENDENCY_UP, DEPENDENCY_ERRORS,
+)  # fmt: skip
+
+
+def _label_all(tags: dict[str, str]) -> None:
+    for metric in _ALL:
+        metric.set_default_tags(tags)
+
+
+_label_all(dict.fromkeys(REPLICA_TAG_KEYS, ""))  # recordable outside a replica too (bench/, unit tests)
+
+
+def label_with_replica() -> None:
+    """Label this process's metrics with its Serve replica. Call it first in a deployment's __init__.
+
+    Why not ray.serve.metrics, which does this itself: it reads the replica context when a metric
+    is constructed, and these are constructed when this module is imported, which in a replica is
+    before the context exists (the deployment class is unpickled first). They were exported with no
+    application/deployment/replica labels at all.
+    """
+    replica = serve_context._get_internal_replica_context()
+    if replica is None:
+        return
+    _label_all({"application": replica.app_name or "", "deployment": replica.deployment, "replica": replica.replica_tag})
 
 
 @contextmanager

@@ -6,8 +6,10 @@ The graph is deployed from configs/serve.yaml itself (the same path `serve run` 
 - app "qwen3" at "/qwen3" with the real qwen_asr loading and batched inference path on a tiny
   random-weight Qwen3-ForcedAligner checkpoint generated offline (its times are meaningless; its
   plumbing is real).
-The test config trusts X-Forwarded-For from loopback, so a test can act as any client IP, and adds
-plans for tests; everything else is the YAML as shipped.
+The test config trusts X-Forwarded-For from loopback, so a test can act as any client IP, adds
+plans for tests, and trusts a loopback OAuth2 issuer (tests/support/issuer.py) started before the
+apps. The "qwen3" app also gets small abuse thresholds, a short ban and low shedding thresholds, so
+the traffic-control tests can trip them in seconds; everything else is the YAML as shipped.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ from serve_app.security.redis_store import request_path_client
 
 
 from tests.support.cluster import ROOT, application_from_yaml, deployment_of, start_ray, start_serve
+from tests.support.issuer import AUDIENCE, LoopbackIssuer
+from tests.support.secrets_seen import remember
 from tools.local_services import ClamdServer, RedisServer
 
 PEPPER = b"test-pepper-not-for-production-0001"
@@ -38,28 +42,39 @@ TEST_PLANS = {
     "ten-audio-seconds": {"requests_burst": 1000, "requests_per_minute": 1000, "audio_seconds_burst": 10, "audio_seconds_per_hour": 0.001},
 }
 
+# OAuth2 clients registered with the session's loopback issuer.
+OAUTH_CLIENT_ID, OAUTH_CLIENT_SECRET = "batch-worker", "batch-worker-secret"
+OAUTH_NO_ALIGN_CLIENT_ID = "reporting-worker"  # holds only a "reports" scope
+# "qwen3" app only. Abuse: a handful of failures bans for seconds, not minutes. Shedding: one
+# scanner slot busy (load 1/4) sheds priority 0; priority 10 is shed only at 5x capacity; a batch
+# wait counts only when it reaches seconds (each lone request waits its 0.1 s batch timeout).
+TEST_ABUSE = {"max_auth_failures": 5, "ban_s": 5}
+TEST_SHEDDING = {"shed_above": 0.2, "shed_top_priority_above": 5.0, "target_batch_wait_s": 5.0}
 
-def _test_ingress(app: dict) -> dict:
+
+def _test_ingress(app: dict, oauth_issuer_url: str) -> dict:
     ingress = deployment_of(app, "Ingress")
     ingress["user_config"].update(
         trusted_proxies=["127.0.0.1/32"],
         plans={"standard": {}, "premium": {"priority": 5}, **TEST_PLANS},
         # The whole suite comes from loopback: its per-IP bucket must not be what tests measure.
         rate_limits={"pre_auth_burst": 100000, "pre_auth_per_minute": 100000},
+        oauth={"issuers": [{"issuer": oauth_issuer_url, "audience": AUDIENCE}]},
     )
     return ingress
 
 
-def _test_applications(tiny_checkpoint: Path) -> list[dict]:
+def _test_applications(tiny_checkpoint: Path, oauth_issuer_url: str) -> list[dict]:
     def pocketsphinx(app: dict) -> None:
         app["args"]["backend"] = "pocketsphinx"
-        ingress = _test_ingress(app)
+        ingress = _test_ingress(app, oauth_issuer_url)
         ingress["user_config"]["max_upload_bytes"] = TEST_MAX_UPLOAD_BYTES
         ingress["autoscaling_config"].update(min_replicas=2, max_replicas=2)
 
     def tiny_qwen3(app: dict) -> None:
         app["args"].update(backend="qwen3", qwen3_model=str(tiny_checkpoint), qwen3_dtype="float32")
-        _test_ingress(app)
+        ingress = _test_ingress(app, oauth_issuer_url)
+        ingress["user_config"].update(abuse=TEST_ABUSE, shedding=TEST_SHEDDING)
 
     return [application_from_yaml("aligner", "/", pocketsphinx), application_from_yaml("qwen3", "/qwen3", tiny_qwen3)]
 
@@ -115,11 +130,21 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def serve_url(ray_cluster, tiny_checkpoint) -> str:
+def oauth_issuer() -> LoopbackIssuer:
+    """A real OAuth2 authorization server on loopback, trusted by both applications."""
+    server = LoopbackIssuer().start()
+    server.register_client(OAUTH_CLIENT_ID, OAUTH_CLIENT_SECRET, ("align",))
+    server.register_client(OAUTH_NO_ALIGN_CLIENT_ID, OAUTH_CLIENT_SECRET, ("reports",))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def serve_url(ray_cluster, tiny_checkpoint, oauth_issuer) -> str:
     """Base URL of the running graph; both applications are RUNNING when it returns."""
     from ray import serve
 
-    yield start_serve(_test_applications(tiny_checkpoint))
+    yield start_serve(_test_applications(tiny_checkpoint, oauth_issuer.issuer))
     serve.shutdown()
 
 
@@ -148,7 +173,7 @@ def create_api_key(redis_server: RedisServer, owner: str, scopes: list[str], pla
         redis = request_path_client(redis_server.url)
         try:
             text, _ = await ApiKeyStore(redis, PEPPER).create(owner, scopes, plan, expires_in_s)
-            return text
+            return remember(text)  # tests/test_zz_no_secrets_in_logs.py checks no log holds it
         finally:
             await redis.aclose()
 

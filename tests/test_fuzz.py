@@ -26,9 +26,11 @@ def test_api_conforms_to_its_schema(serve_url, redis_server, tmp_path):
             "--checks", "all", "--exclude-checks", "positive_data_acceptance",
             "--max-examples", "150", "--seed", "20261125", "--request-timeout", "60",
             "--suppress-health-check", "all", "--generation-database", "none",
+            "--header", f"Authorization: Bearer {key}",
         ],
         capture_output=True, text=True, timeout=900, cwd=tmp_path,
     )  # fmt: skip
     report = result.stdout[-6000:] + result.stderr[-2000:]
     assert result.returncode == 0, report
     assert "No issues found" in result.stdout or " passed" in result.stdout, report
+    assert "Authentication failed" not in result.stdout, report  # the fuzzer got past the gate

@@ -8,7 +8,7 @@ a digest. Every action is written to the audit log.
 
 import time
 
-from fastapi import APIRouter, Depends, Query
+from fastapi import APIRouter, Depends, Path, Query
 
 from serve_app.api.dependencies import authorized, gate
 from serve_app.api.gate import Caller, Gate
@@ -22,6 +22,7 @@ router = APIRouter(prefix="/v1/admin", tags=["admin"], responses=_ERRORS)
 admin = authorized("admin")
 
 _SECONDS_PER_DAY = 86_400
+_BAN_SUBJECT = r"^(ip|principal):[^\s]{1,200}$"  # as GET /v1/admin/bans lists them
 
 
 def _key_out(record: KeyRecord) -> KeyOut:
@@ -76,12 +77,14 @@ async def revoke_key(key_id: str, caller: Caller = Depends(admin), gate: Gate = 
     return _key_out(record)
 
 
-@router.post("/keys/{key_id}/rotate", response_model=KeyCreated, summary="Issue a successor; the old key lives for the overlap")
+@router.post("/keys/{key_id}/rotate", response_model=KeyCreated, status_code=201, summary="Issue a successor; the old key lives for the overlap")
 async def rotate_key(key_id: str, body: KeyRotate, caller: Caller = Depends(admin), gate: Gate = Depends(gate)):
     try:
         text, record = await gate.api_keys.rotate(key_id, body.overlap_hours * 3600)
     except UnknownKey:
         raise Problem("not-found", "no such key") from None
+    except ValueError as refused:  # a revoked or expired key cannot be rotated
+        raise Problem("invalid-request", str(refused)) from None
     gate.audit.record(caller.audit, "admin", "allowed", "key-rotated", key_id=key_id, successor=record.key_id)
     return KeyCreated(key=text, record=_key_out(record))
 
@@ -92,7 +95,7 @@ async def list_bans(caller: Caller = Depends(admin), gate: Gate = Depends(gate))
 
 
 @router.delete("/bans/{subject}", status_code=204, summary="Lift a ban (subject as listed, e.g. ip:203.0.113.7)")
-async def lift_ban(subject: str, caller: Caller = Depends(admin), gate: Gate = Depends(gate)):
+async def lift_ban(subject: str = Path(pattern=_BAN_SUBJECT), caller: Caller = Depends(admin), gate: Gate = Depends(gate)):
     if not await gate.abuse.lift(subject):
         raise Problem("not-found", "no such ban")
     gate.audit.record(caller.audit, "admin", "allowed", "ban-lifted", subject=subject)

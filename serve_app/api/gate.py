@@ -110,11 +110,10 @@ class Gate:
     async def authenticate(self, request: Request, caller: Caller, scope: str) -> Principal:
         with metrics.timed("auth"):
             try:
-                principal = await self.authenticator.authenticate(request.headers)
-                self.authenticator.authorize(principal, scope)
+                principal = caller.principal = await self.authenticator.authenticate(request.headers)
+                self.authenticator.authorize(principal, scope)  # a 403 is audited with who asked
             except AuthFailure as failure:
                 await self._auth_failed(caller, failure)
-        caller.principal = principal
         self.audit.record(caller.audit, "auth", "allowed", "authenticated", method=principal.method, plan=principal.plan)
         await self._refuse_if_banned(caller)
 

@@ -92,7 +92,7 @@ class Readiness(BaseModel):
 
 
 class KeyCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)  # no "1" for 1, no false for 0
 
     owner: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.@-]+$")
     scopes: list[Literal["align", "admin"]] = Field(min_length=1)
@@ -101,7 +101,7 @@ class KeyCreate(BaseModel):
 
 
 class KeyRotate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     overlap_hours: float = Field(24, ge=0, le=24 * 90, description="How long the old key keeps working.")
 

@@ -2,6 +2,8 @@
 
 The applications are deployed with the same controller call `serve run configs/serve.yaml` makes
 (`ray.serve.scripts.run` -> `deploy_apps`), so the YAML's deployment options are what runs.
+Ray's Prometheus endpoint listens on a port chosen here (`metrics_url()`), and everything the
+cluster logs lands under `logs_dir()`: the observability tests read both.
 """
 
 from __future__ import annotations
@@ -32,18 +34,40 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+_metrics_export_port: int | None = None
+
+
 def start_ray(num_cpus: int = 4) -> None:
     import ray
 
+    global _metrics_export_port
     temp_dir = tempfile.mkdtemp(prefix="ray-t-", dir="/tmp")  # short: Ray's socket paths are length-limited
+    _metrics_export_port = free_port()
     ray.init(
         address="local",
         num_cpus=num_cpus,  # logical: replicas ask for fractions of the 2 real cores
         include_dashboard=False,
         object_store_memory=256 * 1024 * 1024,
         _temp_dir=temp_dir,
+        _metrics_export_port=_metrics_export_port,
         logging_level="ERROR",
     )
+
+
+def metrics_url() -> str:
+    """Ray's Prometheus endpoint for the cluster start_ray() started (custom and built-in families)."""
+    import ray
+
+    if _metrics_export_port is None:
+        raise RuntimeError("start_ray() has not run in this process")
+    return f"http://{ray.util.get_node_ip_address()}:{_metrics_export_port}/metrics"
+
+
+def logs_dir() -> Path:
+    """Where this cluster's processes log: replica logs under serve/, worker stdout/stderr, Ray's own."""
+    import ray
+
+    return Path(ray._private.worker._global_node.get_logs_dir_path())
 
 
 def application_from_yaml(name: str, route_prefix: str, edit: Callable[[dict], None] | None = None) -> dict:

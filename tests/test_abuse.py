@@ -18,13 +18,6 @@ from serve_app.security.redis_store import request_path_client
 from serve_app.settings import AbuseOptions
 
 
-@pytest_asyncio.fixture
-async def redis(redis_server):
-    client = request_path_client(redis_server.url)
-    yield client
-    await client.aclose()
-
-
 def fresh_ip() -> str:
     """An address from the IPv6 documentation range no other test uses."""
     return str(ipaddress.IPv6Address("2001:db8::") + uuid.uuid4().int % 2**64)
@@ -39,8 +32,8 @@ def options(**overrides) -> AbuseOptions:
 
 
 @pytest.mark.asyncio
-async def test_credential_stuffing_loop_bans_the_address(redis):
-    monitor = AbuseMonitor(redis, options(max_auth_failures=5))
+async def test_credential_stuffing_loop_bans_the_address(redis_client):
+    monitor = AbuseMonitor(redis_client, options(max_auth_failures=5))
     attacker, bystander = fresh_ip(), fresh_ip()
     imposed = [await monitor.record("auth_failure", attacker) for _ in range(5)]
     assert imposed[:4] == [[]] * 4
@@ -53,8 +46,8 @@ async def test_credential_stuffing_loop_bans_the_address(redis):
 
 
 @pytest.mark.asyncio
-async def test_events_outside_the_window_do_not_count(redis):
-    monitor = AbuseMonitor(redis, options(window_s=1, max_rejected_uploads=3))
+async def test_events_outside_the_window_do_not_count(redis_client):
+    monitor = AbuseMonitor(redis_client, options(window_s=1, max_rejected_uploads=3))
     ip = fresh_ip()
     for _ in range(2):
         await monitor.record("rejected_upload", ip)
@@ -64,8 +57,8 @@ async def test_events_outside_the_window_do_not_count(redis):
 
 
 @pytest.mark.asyncio
-async def test_one_malware_hit_bans_both_the_address_and_the_principal(redis):
-    monitor = AbuseMonitor(redis, options())  # max_malware_hits defaults to 1
+async def test_one_malware_hit_bans_both_the_address_and_the_principal(redis_client):
+    monitor = AbuseMonitor(redis_client, options())  # max_malware_hits defaults to 1
     ip, principal = fresh_ip(), fresh_principal()
     imposed = await monitor.record("malware", ip, principal)
     assert {ban.subject for ban in imposed} == {ip_subject(ip), principal_subject(principal)}
@@ -74,8 +67,8 @@ async def test_one_malware_hit_bans_both_the_address_and_the_principal(redis):
 
 
 @pytest.mark.asyncio
-async def test_ban_expires(redis):
-    monitor = AbuseMonitor(redis, options())
+async def test_ban_expires(redis_client):
+    monitor = AbuseMonitor(redis_client, options())
     ip = fresh_ip()
     await monitor.record("malware", ip)
     assert await monitor.is_banned(ip) is not None
@@ -84,8 +77,8 @@ async def test_ban_expires(redis):
 
 
 @pytest.mark.asyncio
-async def test_repeat_offences_double_the_ban_up_to_the_cap(redis):
-    monitor = AbuseMonitor(redis, options(ban_s=1, max_ban_s=3))
+async def test_repeat_offences_double_the_ban_up_to_the_cap(redis_client):
+    monitor = AbuseMonitor(redis_client, options(ban_s=1, max_ban_s=3))
     ip = fresh_ip()
     durations = []
     for _ in range(3):
@@ -97,8 +90,8 @@ async def test_repeat_offences_double_the_ban_up_to_the_cap(redis):
 
 
 @pytest.mark.asyncio
-async def test_offences_are_forgotten_after_the_memory(redis):
-    monitor = AbuseMonitor(redis, options(ban_s=1, offence_memory_s=1))
+async def test_offences_are_forgotten_after_the_memory(redis_client):
+    monitor = AbuseMonitor(redis_client, options(ban_s=1, offence_memory_s=1))
     ip = fresh_ip()
     await monitor.record("malware", ip)
     await asyncio.sleep(2.1)  # the 1 s ban, then the 1 s memory
@@ -107,8 +100,8 @@ async def test_offences_are_forgotten_after_the_memory(redis):
 
 
 @pytest.mark.asyncio
-async def test_allow_listed_network_is_never_banned_but_its_principal_can_be(redis):
-    monitor = AbuseMonitor(redis, options(allow_networks=["127.0.0.0/8", "2001:db8:1::/48"]))
+async def test_allow_listed_network_is_never_banned_but_its_principal_can_be(redis_client):
+    monitor = AbuseMonitor(redis_client, options(allow_networks=["127.0.0.0/8", "2001:db8:1::/48"]))
     principal = fresh_principal()
     for ip in ("127.0.0.1", "2001:db8:1::5"):
         for _ in range(3):
@@ -118,8 +111,8 @@ async def test_allow_listed_network_is_never_banned_but_its_principal_can_be(red
 
 
 @pytest.mark.asyncio
-async def test_list_and_lift(redis):
-    monitor = AbuseMonitor(redis, options(ban_s=60, max_ban_s=60))
+async def test_list_and_lift(redis_client):
+    monitor = AbuseMonitor(redis_client, options(ban_s=60, max_ban_s=60))
     ip, principal = fresh_ip(), fresh_principal()
     await monitor.record("malware", ip, principal)
     listed = {ban.subject: ban for ban in await monitor.list_bans()}
@@ -138,8 +131,8 @@ async def test_list_and_lift(redis):
 
 
 @pytest.mark.asyncio
-async def test_unknown_event_and_subject_are_refused(redis):
-    monitor = AbuseMonitor(redis, options())
+async def test_unknown_event_and_subject_are_refused(redis_client):
+    monitor = AbuseMonitor(redis_client, options())
     with pytest.raises(ValueError):
         await monitor.record("sneezing", fresh_ip())
     with pytest.raises(ValueError):
@@ -148,8 +141,8 @@ async def test_unknown_event_and_subject_are_refused(redis):
 
 @pytest.mark.asyncio
 async def test_redis_outage_fails_open_and_recovers(private_redis_server):
-    async with request_path_client(private_redis_server.url) as redis:
-        monitor = AbuseMonitor(redis, options())
+    async with request_path_client(private_redis_server.url) as redis_client:
+        monitor = AbuseMonitor(redis_client, options())
         ip = fresh_ip()
         private_redis_server.stop()
         try:

@@ -33,13 +33,6 @@ ALMOST_NO_REFILL = 1e-6  # tokens per second: nothing refills during a test
 
 
 @pytest_asyncio.fixture
-async def redis(redis_server):
-    client = request_path_client(redis_server.url)
-    yield client
-    await client.aclose()
-
-
-@pytest_asyncio.fixture
 async def second_replica_redis(redis_server):
     """A separate client and connection pool: stands in for another ingress replica."""
     client = request_path_client(redis_server.url)
@@ -65,8 +58,8 @@ def parse_list(value: str) -> http_sfv.List:
 
 
 @pytest.mark.asyncio
-async def test_concurrent_takes_from_two_replicas_admit_exactly_capacity(redis, second_replica_redis):
-    replicas = [TokenBucketLimiter(redis), TokenBucketLimiter(second_replica_redis)]
+async def test_concurrent_takes_from_two_replicas_admit_exactly_capacity(redis_client, second_replica_redis):
+    replicas = [TokenBucketLimiter(redis_client), TokenBucketLimiter(second_replica_redis)]
     key = unique()
     decisions = await asyncio.gather(
         *(replicas[index % 2].take(key, 50, ALMOST_NO_REFILL, policy="atomicity") for index in range(200))
@@ -77,8 +70,8 @@ async def test_concurrent_takes_from_two_replicas_admit_exactly_capacity(redis, 
 
 
 @pytest.mark.asyncio
-async def test_bucket_refills_with_elapsed_time(redis):
-    limiter = TokenBucketLimiter(redis)
+async def test_bucket_refills_with_elapsed_time(redis_client):
+    limiter = TokenBucketLimiter(redis_client)
     key = unique()
     for _ in range(2):
         assert (await limiter.take(key, 2, 10, policy="refill")).allowed
@@ -91,8 +84,8 @@ async def test_bucket_refills_with_elapsed_time(redis):
 
 
 @pytest.mark.asyncio
-async def test_fractional_costs_and_overdraw_charges_nothing(redis):
-    limiter = TokenBucketLimiter(redis)
+async def test_fractional_costs_and_overdraw_charges_nothing(redis_client):
+    limiter = TokenBucketLimiter(redis_client)
     key = unique()
     for expected_remaining in (7.5, 5.0, 2.5):
         decision = await limiter.take(key, 10, ALMOST_NO_REFILL, 2.5, policy="fractional")
@@ -104,31 +97,31 @@ async def test_fractional_costs_and_overdraw_charges_nothing(redis):
 
 
 @pytest.mark.asyncio
-async def test_asking_without_charge_writes_nothing(redis):
-    limiter = TokenBucketLimiter(redis)
+async def test_asking_without_charge_writes_nothing(redis_client):
+    limiter = TokenBucketLimiter(redis_client)
     key = unique()
     assert (await limiter.take(key, 5, ALMOST_NO_REFILL, 5, policy="peek", charge=False)).allowed
-    assert not await redis.exists(f"{KEY_PREFIX}:peek:{key}")
+    assert not await redis_client.exists(f"{KEY_PREFIX}:peek:{key}")
     assert not (await limiter.take(key, 5, ALMOST_NO_REFILL, 6, policy="peek", charge=False)).allowed
     assert (await limiter.take(key, 5, ALMOST_NO_REFILL, 5, policy="peek")).allowed
 
 
 @pytest.mark.asyncio
-async def test_bucket_key_expires_once_it_would_be_full(redis):
-    limiter = TokenBucketLimiter(redis)
+async def test_bucket_key_expires_once_it_would_be_full(redis_client):
+    limiter = TokenBucketLimiter(redis_client)
     key = unique()
     await limiter.take(key, 5, 100, 1, policy="expiry")  # full again after 10 ms
-    assert 0 < await redis.pttl(f"{KEY_PREFIX}:expiry:{key}") <= 10
+    assert 0 < await redis_client.pttl(f"{KEY_PREFIX}:expiry:{key}") <= 10
     await asyncio.sleep(0.05)
-    assert not await redis.exists(f"{KEY_PREFIX}:expiry:{key}")
+    assert not await redis_client.exists(f"{KEY_PREFIX}:expiry:{key}")
 
 
 @pytest.mark.asyncio
-async def test_script_is_reloaded_after_the_script_cache_is_flushed(redis):
-    limiter = TokenBucketLimiter(redis)
+async def test_script_is_reloaded_after_the_script_cache_is_flushed(redis_client):
+    limiter = TokenBucketLimiter(redis_client)
     key = unique()
     assert (await limiter.take(key, 5, 1, policy="noscript")).allowed
-    await redis.script_flush()
+    await redis_client.script_flush()
     decision = await limiter.take(key, 5, 1, policy="noscript")
     assert decision.allowed and decision.remaining == pytest.approx(3, abs=0.1)
 
@@ -137,8 +130,8 @@ async def test_script_is_reloaded_after_the_script_cache_is_flushed(redis):
 
 
 @pytest.mark.asyncio
-async def test_pre_auth_limit_is_per_client_ip(redis):
-    limiter = RateLimiter(TokenBucketLimiter(redis), RateLimitOptions(pre_auth_burst=3, pre_auth_per_minute=0.001))
+async def test_pre_auth_limit_is_per_client_ip(redis_client):
+    limiter = RateLimiter(TokenBucketLimiter(redis_client), RateLimitOptions(pre_auth_burst=3, pre_auth_per_minute=0.001))
     ip, other_ip = f"198.51.100.{uuid.uuid4().int % 250}", unique("peer")
     decisions = [await limiter.take_pre_auth(ip) for _ in range(4)]
     assert [decision.allowed for decision in decisions] == [True, True, True, False]
@@ -147,8 +140,8 @@ async def test_pre_auth_limit_is_per_client_ip(redis):
 
 
 @pytest.mark.asyncio
-async def test_request_limit_is_per_principal_and_namespaced_by_method(redis):
-    limiter = RateLimiter(TokenBucketLimiter(redis), RateLimitOptions())
+async def test_request_limit_is_per_principal_and_namespaced_by_method(redis_client):
+    limiter = RateLimiter(TokenBucketLimiter(redis_client), RateLimitOptions())
     plan = Plan(requests_burst=2, requests_per_minute=0.001)
     shared_id = unique("client")
     api_key, oauth_client = principal("api_key", shared_id), principal("jwt", shared_id)
@@ -157,8 +150,8 @@ async def test_request_limit_is_per_principal_and_namespaced_by_method(redis):
 
 
 @pytest.mark.asyncio
-async def test_audio_seconds_charge_decoded_duration_and_refuse_overdraw(redis):
-    limiter = RateLimiter(TokenBucketLimiter(redis), RateLimitOptions())
+async def test_audio_seconds_charge_decoded_duration_and_refuse_overdraw(redis_client):
+    limiter = RateLimiter(TokenBucketLimiter(redis_client), RateLimitOptions())
     plan = Plan(audio_seconds_burst=30, audio_seconds_per_hour=0.001)
     caller = principal()
     first = await limiter.take_audio_seconds(caller, plan, 20.25)
@@ -171,8 +164,8 @@ async def test_audio_seconds_charge_decoded_duration_and_refuse_overdraw(redis):
 
 
 @pytest.mark.asyncio
-async def test_load_factor_shrinks_capacity(redis):
-    limiter = RateLimiter(TokenBucketLimiter(redis), RateLimitOptions())
+async def test_load_factor_shrinks_capacity(redis_client):
+    limiter = RateLimiter(TokenBucketLimiter(redis_client), RateLimitOptions())
     plan = Plan(requests_burst=10, requests_per_minute=0.001)
     caller = principal()
     decisions = [await limiter.take_request(caller, plan, load_factor=0.5) for _ in range(6)]
@@ -188,8 +181,8 @@ async def test_load_factor_shrinks_capacity(redis):
 @pytest.mark.asyncio
 @pytest.mark.parametrize("fail_open", [True, False])
 async def test_redis_outage_follows_the_failure_mode_and_recovers(private_redis_server, fail_open):
-    async with request_path_client(private_redis_server.url) as redis:
-        limiter = RateLimiter(TokenBucketLimiter(redis), RateLimitOptions(fail_open=fail_open), unavailable_retry_after_s=7)
+    async with request_path_client(private_redis_server.url) as redis_client:
+        limiter = RateLimiter(TokenBucketLimiter(redis_client), RateLimitOptions(fail_open=fail_open), unavailable_retry_after_s=7)
         plan = Plan(requests_burst=5, requests_per_minute=0.001)
         caller = principal()
         assert (await limiter.take_request(caller, plan)).allowed
@@ -217,8 +210,8 @@ async def test_redis_outage_follows_the_failure_mode_and_recovers(private_redis_
 
 
 @pytest.mark.asyncio
-async def test_local_concurrency_cap_refuses_when_full(redis):
-    limiter = RateLimiter(TokenBucketLimiter(redis), RateLimitOptions(local_max_concurrency=2))
+async def test_local_concurrency_cap_refuses_when_full(redis_client):
+    limiter = RateLimiter(TokenBucketLimiter(redis_client), RateLimitOptions(local_max_concurrency=2))
     release = asyncio.Event()
     held = asyncio.Event()
 
@@ -247,8 +240,8 @@ async def test_local_concurrency_cap_refuses_when_full(redis):
 
 
 @pytest.mark.asyncio
-async def test_headers_on_an_admitted_request_are_valid_structured_fields(redis):
-    limiter = RateLimiter(TokenBucketLimiter(redis), RateLimitOptions())
+async def test_headers_on_an_admitted_request_are_valid_structured_fields(redis_client):
+    limiter = RateLimiter(TokenBucketLimiter(redis_client), RateLimitOptions())
     plan = Plan()  # 60 requests per minute; 1800 audio seconds, refilled at 3600 per hour
     caller = principal()
     decisions = [await limiter.take_request(caller, plan), await limiter.take_audio_seconds(caller, plan, 12.5)]
@@ -268,8 +261,8 @@ async def test_headers_on_an_admitted_request_are_valid_structured_fields(redis)
 
 
 @pytest.mark.asyncio
-async def test_headers_on_a_denial_carry_retry_after_and_only_the_denied_policy(redis):
-    limiter = RateLimiter(TokenBucketLimiter(redis), RateLimitOptions())
+async def test_headers_on_a_denial_carry_retry_after_and_only_the_denied_policy(redis_client):
+    limiter = RateLimiter(TokenBucketLimiter(redis_client), RateLimitOptions())
     plan = Plan(requests_burst=1, requests_per_minute=6)  # one token every 10 s
     caller = principal()
     assert (await limiter.take_request(caller, plan)).allowed

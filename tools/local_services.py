@@ -87,12 +87,8 @@ class RedisServer:
             return False
 
     def stop(self) -> None:
-        if self.process is not None:
-            self.process.terminate()
-            self.process.wait(10)
-            self.process = None
-        else:
-            _kill_pidfile(self.directory / "redis.pid")
+        _stop(self.process, self.directory / "redis.pid")
+        self.process = None
 
 
 @dataclass
@@ -165,13 +161,18 @@ class ClamdServer:
             return False
 
     def stop(self) -> None:
-        if self.process is not None:
-            self.process.terminate()
-            self.process.wait(10)
-            self.process = None
-        else:
-            _kill_pidfile(self.directory / "clamd.pid")
+        _stop(self.process, self.directory / "clamd.pid")
+        self.process = None
         self.socket_path.unlink(missing_ok=True)
+
+
+def _stop(process: subprocess.Popen | None, pidfile: Path) -> None:
+    """Stop a server this process started, or else the daemon its pid file names."""
+    if process is not None:
+        process.terminate()
+        process.wait(10)
+    else:
+        _kill_pidfile(pidfile)
 
 
 def _kill_pidfile(pidfile: Path) -> None:

@@ -26,7 +26,6 @@ from pathlib import Path
 import logging
 
 import httpx
-import numpy as np
 import soundfile
 
 from bench.stack import BENCH_PLAN, Stack, with_bench_plan

@@ -11,7 +11,6 @@ import ipaddress
 import uuid
 
 import pytest
-import pytest_asyncio
 
 from serve_app.security.abuse import AbuseMonitor, ip_subject, principal_subject
 from serve_app.security.redis_store import request_path_client

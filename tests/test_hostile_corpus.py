@@ -7,10 +7,13 @@ checked here against the real libraries. Peak memory and latency are in bench/sc
 
 from __future__ import annotations
 
+from typing import get_args
+
 import pytest
 
 from serve_app.api.problems import PROBLEM_TYPES
 from serve_app.media.clamav import ClamdScanner
+from serve_app.media.errors import RejectionReason
 from serve_app.media.inspect import decode_limits
 from serve_app.settings import ScannerOptions
 from tests.support.hostile import (
@@ -43,14 +46,6 @@ def test_expected_status_matches_the_problem_catalogue(case: HostileCase):
 
 def test_corpus_covers_every_media_refusal_and_acceptance():
     slugs = {case.expected_slug for case in HOSTILE_CASES}
-    assert slugs >= {
-        None,
-        "unsupported-media-type",
-        "undecodable-audio",
-        "empty-audio",
-        "audio-too-long",
-        "too-many-channels",
-        "sample-rate-too-high",
-        "not-single-audio-stream",
-        MALWARE_DETECTED,
-    }
+    # decode-timeout needs a slow machine or a tiny limit: tests/test_media.py covers it.
+    every_refusal = set(get_args(RejectionReason)) - {"decode-timeout"}
+    assert slugs >= every_refusal | {None, MALWARE_DETECTED}

@@ -17,8 +17,14 @@ def test_auto_uses_qwen3_when_its_weights_load(tiny_checkpoint):
 
 
 def test_auto_falls_back_to_pocketsphinx_with_a_loud_warning(caplog):
-    with caplog.at_level(logging.WARNING, logger="ray.serve"):
-        backend = load_backend(GraphArgs(backend="auto", qwen3_model=MISSING_MODEL))
+    # Once Serve has started in this process its logger stops propagating: listen on it directly.
+    serve_logger = logging.getLogger("ray.serve")
+    serve_logger.addHandler(caplog.handler)
+    try:
+        with caplog.at_level(logging.WARNING, logger="ray.serve"):
+            backend = load_backend(GraphArgs(backend="auto", qwen3_model=MISSING_MODEL))
+    finally:
+        serve_logger.removeHandler(caplog.handler)
     assert backend.info.name == "pocketsphinx"
     assert any("FALLING BACK" in record.getMessage() for record in caplog.records)
 

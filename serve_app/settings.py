@@ -176,6 +176,9 @@ class ScannerOptions(_Strict):
     max_channels: int = Field(8, ge=1, le=64)
     max_sample_rate: int = Field(192_000, ge=8_000)
     max_decode_wall_seconds: float = Field(20.0, gt=0)
+    max_source_samples: int = Field(
+        600 * 48_000 * 2, ge=1, description="Decoding work: source samples x channels (600 s of 48 kHz stereo)."
+    )
     clamd_timeout_s: float = Field(10.0, gt=0, description="Bound on one clamd scan, connecting included.")
     max_concurrent_scans: int = Field(4, ge=1, le=64, description="Decodes running at once per replica.")
 

@@ -371,3 +371,15 @@ def test_mov_reference_options_are_real_ffmpeg_options(option: str):
     upload = encode(tone(0.5, 16_000), 16_000, "m4a")
     with pytest.raises(av.error.FFmpegError):
         av.open(io.BytesIO(upload), format="mov", container_options={option: "not-a-boolean"})
+
+
+@pytest.mark.parametrize("declare_length", [True, False], ids=["declared", "undeclared"])
+def test_decoding_work_is_capped_not_only_the_output_duration(declare_length):
+    # 60 s is well under the 600 s duration cap, but at 192 kHz x 8 channels it is 2.4x the
+    # default work budget (600 s of 48 kHz stereo): refused, with or without a declared length.
+    bomb = silence_flac(60, 192_000, 8, declare_length=declare_length)
+    rejection = _rejection(bomb)
+    assert rejection.reason == "audio-too-long"
+    assert "at most 37.5 s" in rejection.detail
+    # The same length at 48 kHz stereo is within the budget.
+    assert _sniff_and_decode(silence_flac(60, 48_000, 2, declare_length=declare_length)).duration_seconds == pytest.approx(60, abs=0.1)

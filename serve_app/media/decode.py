@@ -51,6 +51,10 @@ class DecodeLimits:
     max_channels: int = 8
     max_sample_rate: int = 192_000
     max_wall_seconds: float = 20.0
+    # Decoding work, in source samples summed over channels. Output duration alone does not bound
+    # CPU: 600 s of 192 kHz 7.1 is 16x the work of 600 s of 48 kHz stereo (an hour of it, silent, is
+    # a 1.5 MB FLAC). The default is 600 s of 48 kHz stereo, so 192 kHz 7.1 may last 37.5 s.
+    max_source_samples: int = 600 * 48_000 * 2
 
 
 @dataclass(frozen=True)
@@ -154,14 +158,17 @@ def _check_format(channels: int, sample_rate: int, limits: DecodeLimits) -> None
 
 
 def _check_declared_duration(stream: av.AudioStream, demuxer: str, limits: DecodeLimits) -> None:
-    """Refuse before decoding when the header itself claims too much audio.
+    """Refuse before decoding when the header itself claims too much audio (or decoding work).
 
     A header that understates its length gains nothing: decoding counts the real duration.
     """
     if demuxer in _GUESSED_DURATION_DEMUXERS or not stream.duration or not stream.time_base:
         return
-    if float(stream.duration * stream.time_base) > limits.max_decoded_seconds:
+    declared_seconds = float(stream.duration * stream.time_base)
+    if declared_seconds > limits.max_decoded_seconds:
         raise _too_long(limits)
+    if declared_seconds * stream.sample_rate * stream.channels > limits.max_source_samples:
+        raise _too_much_work(limits, stream.sample_rate, stream.channels)
 
 
 def _decode_resampled(
@@ -173,13 +180,18 @@ def _decode_resampled(
     resampler = _MonoResampler()
     chunks: list[np.ndarray] = []
     decoded_seconds = 0.0
+    source_samples = 0
     for frame in _decoded_frames(container, stream, limits, deadline):
         if frame.sample_rate <= 0:
             raise MediaRejected("undecodable-audio", "the audio could not be decoded")
-        _check_format(frame.layout.nb_channels, frame.sample_rate, limits)
+        channels = frame.layout.nb_channels
+        _check_format(channels, frame.sample_rate, limits)
         decoded_seconds += frame.samples / frame.sample_rate
         if decoded_seconds > limits.max_decoded_seconds:
             raise _too_long(limits)
+        source_samples += frame.samples * channels
+        if source_samples > limits.max_source_samples:
+            raise _too_much_work(limits, frame.sample_rate, channels)
         chunks.extend(resampler.push(frame))
     chunks.extend(resampler.flush())
     return chunks
@@ -255,6 +267,14 @@ def _assemble(chunks: list[np.ndarray]) -> np.ndarray:
 
 def _empty() -> MediaRejected:
     return MediaRejected("empty-audio", "the upload contains no audio samples")
+
+
+def _too_much_work(limits: DecodeLimits, sample_rate: int, channels: int) -> MediaRejected:
+    allowed_seconds = limits.max_source_samples / (sample_rate * channels)
+    return MediaRejected(
+        "audio-too-long",
+        f"at {sample_rate} Hz and {channels} channels the audio may last at most {allowed_seconds:.1f} s",
+    )
 
 
 def _too_long(limits: DecodeLimits) -> MediaRejected:

@@ -44,6 +44,7 @@ def decode_limits(options: ScannerOptions) -> DecodeLimits:
         max_channels=options.max_channels,
         max_sample_rate=options.max_sample_rate,
         max_wall_seconds=options.max_decode_wall_seconds,
+        max_source_samples=options.max_source_samples,
     )
 
 

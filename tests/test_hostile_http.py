@@ -15,7 +15,7 @@ import time
 import pytest
 
 from tests.conftest import create_api_key
-from tests.support.audio import encode, silence_flac, tone
+from tests.support.audio import encode, tone
 from tests.support.hostile import HOSTILE_CASES, HostileCase
 from tests.test_api import assert_problem, post_align
 
@@ -56,26 +56,30 @@ def test_clamd_down_fails_closed_then_recovers(client, clamd_server):
     assert client.get(f"{QWEN3}/v1/ready").status_code == 200
 
 
-def test_scanner_replica_crash_mid_request_is_a_503_and_serve_replaces_it(client, ray_cluster):
+def test_scanner_replica_crash_mid_request_is_a_503_and_serve_replaces_it(client, clamd_server, ray_cluster):
     import concurrent.futures
 
     from ray import serve
 
     scanner = serve.get_deployment_handle("Scanner", app_name="qwen3")
     pid = scanner.pid.remote().result()
-    # An hour of 192 kHz 7.1 silence with no declared length keeps a scanner decoding for seconds
-    # (until the decoded-duration cap): the replica dies, as on a decoder segfault, while it works.
-    slow_bomb = silence_flac(3600.0, 192_000, 8, declare_length=False)
-    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
-        in_flight = pool.submit(post_align, client, slow_bomb, "hello", QWEN3)
-        time.sleep(1.0)
-        os.kill(pid, signal.SIGKILL)
-        response = in_flight.result()
+    audio = encode(tone(1.0, 16_000), 16_000, "wav")
+    # A frozen clamd holds the scan (up to clamd_timeout_s), so the replica is surely mid-request
+    # when it dies, as it would on a decoder segfault.
+    os.kill(clamd_server.process.pid, signal.SIGSTOP)
+    try:
+        with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+            in_flight = pool.submit(post_align, client, audio, "hello", QWEN3)
+            time.sleep(1.0)
+            os.kill(pid, signal.SIGKILL)
+            response = in_flight.result()
+    finally:
+        os.kill(clamd_server.process.pid, signal.SIGCONT)
     assert_problem(response, 503, "service-unavailable")
 
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
-        response = post_align(client, encode(tone(1.0, 16_000), 16_000, "wav"), "hello", prefix=QWEN3)
+        response = post_align(client, audio, "hello", prefix=QWEN3)
         if response.status_code == 200:
             break
         time.sleep(1)

@@ -191,13 +191,13 @@ def test_admin_lists_and_lifts_a_ban(anonymous, serve_url, align_key, admin_key)
 
 @functools.cache
 def _slow_bomb() -> bytes:
-    """An hour of 192 kHz 7.1 silence with no declared length: a scanner decodes it for seconds
-    (until the decoded-duration cap) before refusing it, holding one of its scan slots meanwhile."""
+    """An hour of 192 kHz 7.1 silence with no declared length: a scanner decodes it until the
+    decoding-work cap (~0.2 s) before refusing it, holding one of its scan slots meanwhile."""
     return silence_flac(3600.0, 192_000, 8, declare_length=False)
 
 
 @contextmanager
-def _scanner_backlog(serve_url: str, key: str, workers: int = 2) -> Iterator[None]:
+def _scanner_backlog(serve_url: str, key: str, workers: int = 3) -> Iterator[None]:
     """Keep `workers` of the qwen3 app's scan slots busy with slow bombs until the block ends."""
     stop = threading.Event()
 

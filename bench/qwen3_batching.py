@@ -80,12 +80,12 @@ def measure(runners: dict[str, Runner], jobs: list[AlignmentJob], repetitions: i
     return throughputs
 
 
-def bench_size(name: str, dims: TinyDimensions, repetitions: int) -> None:
+def bench_size(name: str, dims: TinyDimensions, repetitions: int, device: str, dtype: str) -> None:
     jobs = make_jobs()
     with tempfile.TemporaryDirectory(prefix=f"qwen3-{name}-") as directory:
         checkpoint = write_tiny_checkpoint(Path(directory), dims)
         weight_megabytes = (checkpoint / "model.safetensors").stat().st_size / 1e6
-        backend = Qwen3Backend(str(checkpoint), dtype="float32", device="cpu")
+        backend = Qwen3Backend(str(checkpoint), dtype=dtype, device=device)
 
     def batched(batch: list[AlignmentJob]) -> None:
         backend.align_batch(batch)
@@ -115,6 +115,8 @@ def main() -> None:
     parser.add_argument("--repetitions", type=int, default=15)
     parser.add_argument("--sizes", nargs="+", choices=sorted(SIZES), default=["tiny", "small"])
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's own)")
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda on a GPU machine")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     args = parser.parse_args()
     import torch
 
@@ -122,10 +124,10 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     print(
         f"{JOBS} jobs x ~{JOB_SECONDS:g} s audio, {args.repetitions} repetitions, median; "
-        f"torch threads {torch.get_num_threads()}"
+        f"torch threads {torch.get_num_threads()}, {args.device} {args.dtype}"
     )
     for name in args.sizes:
-        bench_size(name, SIZES[name], args.repetitions)
+        bench_size(name, SIZES[name], args.repetitions, args.device, args.dtype)
 
 
 if __name__ == "__main__":

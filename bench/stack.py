@@ -6,13 +6,13 @@ temporary directory, and stop them when the process exits.
 
 from __future__ import annotations
 
-import asyncio
 import atexit
 import os
 import secrets
 import tempfile
 from pathlib import Path
 
+from tests.support.keys import create_api_key
 from tools.local_services import ClamdServer, RedisServer
 
 
@@ -33,18 +33,7 @@ class Stack:
         )
 
     def api_key(self, plan: str, scopes: tuple[str, ...] = ("align",)) -> str:
-        from serve_app.security.api_keys import ApiKeyStore
-        from serve_app.security.redis_store import request_path_client
-
-        async def create() -> str:
-            redis = request_path_client(self.redis.url)
-            try:
-                text, _ = await ApiKeyStore(redis, self.pepper).create("bench", scopes, plan)
-                return text
-            finally:
-                await redis.aclose()
-
-        return asyncio.run(create())
+        return create_api_key(self.redis.url, self.pepper, "bench", scopes, plan)
 
 
 BENCH_PLAN = "bench"

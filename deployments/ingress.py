@@ -41,9 +41,17 @@ from serve_app.api.dependencies import authorized
 from serve_app.api.formats import OutputFormat
 from serve_app.api.gate import Caller, Gate
 from serve_app.api.languages import canonical_language
-from serve_app.api.models import ALIGN_REQUEST_BODY, AlignForm, AlignResponse, DependencyStatus, Health, Readiness, WordOut
-from serve_app.api.models import Problem as ProblemModel
-from serve_app.api.problems import PROBLEM_MEDIA_TYPE, PROBLEM_TYPES, Problem, install_problem_handlers, unavailable
+from serve_app.api.models import (
+    ALIGN_REQUEST_BODY,
+    AlignForm,
+    AlignResponse,
+    DependencyStatus,
+    Health,
+    Readiness,
+    WordOut,
+    problem_responses,
+)
+from serve_app.api.problems import PROBLEM_TYPES, Problem, install_problem_handlers, unavailable
 from serve_app.api.upload import UploadLimits, read_align_form
 from serve_app.media import DecodedAudio
 from serve_app.media.inspect import Rejection, ScanUnavailable
@@ -61,10 +69,6 @@ _SAFE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _READY_TIMEOUT_S = 5.0
 _DEPENDENCY_PROBE_INTERVAL_S = 5.0
 _MIN_AUDIO_SECONDS = 0.1  # shorter holds no alignable word (Qwen3's time grid is 80 ms)
-
-
-def _problem_responses(*statuses: int) -> dict:
-    return {status: {"model": ProblemModel, "content": {PROBLEM_MEDIA_TYPE: {}}} for status in statuses}
 
 
 app = FastAPI(
@@ -149,7 +153,7 @@ class Ingress:
                     "text/plain": {"schema": {"type": "string"}},
                 }
             },
-            **_problem_responses(400, 401, 403, 413, 415, 422, 429, 500, 503),
+            **problem_responses(400, 401, 403, 413, 415, 422, 429, 500, 503),
         },
     )
     async def align(self, request: Request, caller: Caller = Depends(authorized("align"))) -> Response:

@@ -14,7 +14,6 @@ the traffic-control tests can trip them in seconds; everything else is the YAML 
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 from pathlib import Path
@@ -27,6 +26,7 @@ from serve_app.security.api_keys import ApiKeyStore
 from serve_app.security.redis_store import request_path_client
 
 
+from tests.support import keys
 from tests.support.cluster import ROOT, application_from_yaml, deployment_of, start_ray, start_serve
 from tests.support.issuer import AUDIENCE, LoopbackIssuer
 from tests.support.secrets_seen import remember
@@ -167,17 +167,8 @@ async def api_key_store(redis_client, api_key_pepper) -> ApiKeyStore:
 
 
 def create_api_key(redis_server: RedisServer, owner: str, scopes: list[str], plan: str, expires_in_s: float | None = None) -> str:
-    """A real key in the session's Redis, as `serve_app.cli keys create` would make it."""
-
-    async def create() -> str:
-        redis = request_path_client(redis_server.url)
-        try:
-            text, _ = await ApiKeyStore(redis, PEPPER).create(owner, scopes, plan, expires_in_s)
-            return remember(text)  # tests/test_zz_no_secrets_in_logs.py checks no log holds it
-        finally:
-            await redis.aclose()
-
-    return asyncio.run(create())
+    """A real key in the session's Redis, remembered for tests/test_zz_no_secrets_in_logs.py."""
+    return remember(keys.create_api_key(redis_server.url, PEPPER, owner, scopes, plan, expires_in_s))
 
 
 @pytest.fixture(scope="session")

@@ -12,13 +12,11 @@ from fastapi import APIRouter, Depends, Path, Query
 
 from serve_app.api.dependencies import authorized, gate
 from serve_app.api.gate import Caller, Gate
-from serve_app.api.models import BanOut, KeyCreate, KeyCreated, KeyOut, KeyRotate
-from serve_app.api.models import Problem as ProblemModel
-from serve_app.api.problems import PROBLEM_MEDIA_TYPE, Problem
+from serve_app.api.models import BanOut, KeyCreate, KeyCreated, KeyOut, KeyRotate, problem_responses
+from serve_app.api.problems import Problem
 from serve_app.security.api_keys import KeyRecord, UnknownKey
 
-_ERRORS = {status: {"model": ProblemModel, "content": {PROBLEM_MEDIA_TYPE: {}}} for status in (400, 401, 403, 404, 422, 429, 503)}
-router = APIRouter(prefix="/v1/admin", tags=["admin"], responses=_ERRORS)
+router = APIRouter(prefix="/v1/admin", tags=["admin"], responses=problem_responses(400, 401, 403, 404, 422, 429, 503))
 admin = authorized("admin")
 
 _SECONDS_PER_DAY = 86_400

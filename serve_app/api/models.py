@@ -8,6 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from serve_app.api.formats import OutputFormat
 from serve_app.api.languages import accepted_values
+from serve_app.api.problems import PROBLEM_MEDIA_TYPE
 
 
 class AlignForm(BaseModel):
@@ -73,6 +74,11 @@ class Problem(BaseModel):
     status: int
     detail: str
     instance: str | None = None
+
+
+def problem_responses(*statuses: int) -> dict:
+    """OpenAPI `responses` entries for error statuses answered with a problem document."""
+    return {status: {"model": Problem, "content": {PROBLEM_MEDIA_TYPE: {}}} for status in statuses}
 
 
 class Health(BaseModel):

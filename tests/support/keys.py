@@ -1,0 +1,23 @@
+"""Create a real API key in a Redis, as `serve_app.cli keys create` would (tests and bench/)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+
+from serve_app.security.api_keys import ApiKeyStore
+from serve_app.security.redis_store import request_path_client
+
+
+def create_api_key(
+    redis_url: str, pepper: bytes, owner: str, scopes: Sequence[str], plan: str, expires_in_s: float | None = None
+) -> str:
+    async def create() -> str:
+        redis = request_path_client(redis_url)
+        try:
+            text, _ = await ApiKeyStore(redis, pepper).create(owner, scopes, plan, expires_in_s)
+            return text
+        finally:
+            await redis.aclose()
+
+    return asyncio.run(create())

@@ -74,6 +74,13 @@ def test_a_batch_gives_each_job_its_units_in_order_with_numeric_times(
 
 
 def test_batched_results_equal_one_job_at_a_time(backend: Qwen3Backend, jobs: list[AlignmentJob]) -> None:
+    # Also a clip longer than one 8 s encoder window, and one shorter than a 1 s encoder chunk.
+    jobs = [
+        *jobs,
+        AlignmentJob(noise(12.5, seed=8), ("a", "longer", "clip"), "English"),
+        AlignmentJob(noise(0.5, seed=9), ("short",), "English"),
+    ]
+
     batched = backend.align_batch(jobs)
     alone = [backend.align_batch([job])[0] for job in jobs]
 

@@ -7,7 +7,8 @@ up (measured with DNS failing at once; longer where connections hang); the cache
 once instead, and keeps start-up independent of the network. Fetch the weights beforehand (`hf download Qwen/Qwen3-ForcedAligner-0.6B`, a baked image
 or a mounted volume). Anything that stops the model loading raises `ModelUnavailable`.
 
-Aligning: `align_batch` makes one batched `align()` call for all the jobs it accepts. Audio goes in as
+Aligning: `align_batch` makes one batched `align()` call for all the jobs it accepts, on a model
+switched to batch its audio encoder too (qwen3_batching.py says how and why). Audio goes in as
 `(float32 array, 16000)` tuples, never as strings: qwen_asr reads strings as file paths or URLs.
 Per-job outcomes, never a failed batch:
 - audio longer than `max_audio_seconds` -> AlignmentFailed("audio-too-long"). We reject rather than
@@ -143,6 +144,8 @@ def _load_aligner(model: str, dtype: str, device: str) -> Qwen3ForcedAligner:
     import torch  # heavy imports (~14 s with qwen_asr) only once a backend is actually built
     from qwen_asr import Qwen3ForcedAligner
 
+    from deployments.backends.qwen3_batching import enable_batched_inference
+
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ModelUnavailable(f"device {device!r} requested but no CUDA device is visible")
     try:
@@ -154,6 +157,7 @@ def _load_aligner(model: str, dtype: str, device: str) -> Qwen3ForcedAligner:
         )
     except Exception as error:  # transformers raises OSError, ValueError, KeyError, RuntimeError...
         raise ModelUnavailable(f"could not load aligner model {model!r}: {type(error).__name__}") from error
+    enable_batched_inference(aligner.model)
     logger.info("loaded aligner model %r on %s in %.1f s", model, device, time.monotonic() - started)
     return aligner
 

@@ -34,6 +34,9 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, causal_mask_function, sdpa_mask
 
+# The encoder's own token arithmetic (13 per 100-frame chunk, three stride-2 convolutions over the rest).
+from qwen_asr.core.transformers_backend.modeling_qwen3_asr import _get_feat_extract_output_lengths
+
 if TYPE_CHECKING:
     from qwen_asr.core.transformers_backend.modeling_qwen3_asr import (
         Qwen3ASRForConditionalGeneration,
@@ -64,30 +67,19 @@ def encode_audio_batch(
     encoder = thinker.audio_tower
     frame_counts = feature_attention_mask.sum(-1) if feature_attention_mask is not None else audio_feature_lengths
     clips = [features[:, :frames] for features, frames in zip(input_features, frame_counts)]
-    whole_chunk = [int(frames) >= 2 * encoder.n_window for frames in frame_counts]
+    whole_chunk = [index for index, frames in enumerate(frame_counts.tolist()) if frames >= 2 * encoder.n_window]
 
-    encodings: list[torch.Tensor | None] = [None] * len(clips)
-    batched = [index for index, whole in enumerate(whole_chunk) if whole]
-    if batched:
+    encodings: dict[int, torch.Tensor] = {}
+    if whole_chunk:
         together = encoder(
-            torch.cat([clips[index] for index in batched], dim=1),
-            feature_lens=frame_counts[batched],
+            torch.cat([clips[index] for index in whole_chunk], dim=1), feature_lens=frame_counts[whole_chunk]
         ).last_hidden_state
-        token_counts = [_encoded_length(int(frame_counts[index])) for index in batched]
-        for index, encoding in zip(batched, together.split(token_counts)):
-            encodings[index] = encoding
-    for index, whole in enumerate(whole_chunk):
-        if not whole:
-            encodings[index] = encoder(clips[index], feature_lens=frame_counts[index : index + 1]).last_hidden_state
-    return torch.cat(encodings, dim=0)
-
-
-def _encoded_length(frames: int) -> int:
-    # The encoder's own arithmetic: 13 tokens per full 100-frame chunk, three stride-2 convolutions
-    # over the rest (qwen_asr's _get_feat_extract_output_lengths, for one clip).
-    from qwen_asr.core.transformers_backend.modeling_qwen3_asr import _get_feat_extract_output_lengths
-
-    return int(_get_feat_extract_output_lengths(torch.tensor(frames)))
+        token_counts = _get_feat_extract_output_lengths(frame_counts[whole_chunk]).tolist()
+        encodings.update(zip(whole_chunk, together.split(token_counts)))
+    for index, clip in enumerate(clips):
+        if index not in encodings:
+            encodings[index] = encoder(clip, feature_lens=frame_counts[index : index + 1]).last_hidden_state
+    return torch.cat([encodings[index] for index in range(len(clips))], dim=0)
 
 
 def windowed_sdpa_attention(
@@ -118,11 +110,12 @@ def _attention_within_windows(
     Windows are gathered into one padded (windows, heads, longest, dim) batch, so one SDPA call does
     them all; padded keys are masked out and padded queries dropped afterwards.
     """
-    lengths = window_bounds.diff().to(query.device)
+    window_bounds = window_bounds.to(query.device)
+    lengths = window_bounds.diff()
     longest = int(lengths.max())
     offsets = torch.arange(longest, device=query.device)
     real = offsets < lengths[:, None]  # (windows, longest)
-    positions = (window_bounds[:-1, None].to(query.device) + offsets).clamp(max=query.shape[2] - 1)
+    positions = (window_bounds[:-1, None] + offsets).clamp(max=query.shape[2] - 1)
 
     def windowed(states: torch.Tensor) -> torch.Tensor:
         return states[0][:, positions].transpose(0, 1)  # (windows, heads, longest, dim)

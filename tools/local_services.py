@@ -79,12 +79,7 @@ class RedisServer:
         return self
 
     def answers(self) -> bool:
-        try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as connection:
-                connection.sendall(b"PING\r\n")
-                return connection.recv(16).startswith(b"+PONG")
-        except OSError:
-            return False
+        return _answers_ping(socket.AF_INET, ("127.0.0.1", self.port), b"PING\r\n", b"+PONG")
 
     def stop(self) -> None:
         _stop(self.process, self.directory / "redis.pid")
@@ -143,27 +138,32 @@ class ClamdServer:
         config = self.write_config()
         self.socket_path.unlink(missing_ok=True)
         command = [shutil.which("clamd") or "/usr/sbin/clamd", f"--config-file={config}"]
-        if daemonize:
-            self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-        else:
-            self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        # A daemon gets its own session, so it outlives the shell that ran `make serve`.
+        self.process = subprocess.Popen(
+            command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=daemonize
+        )
         _wait_until(self.answers, 30, "clamd")
         return self
 
     def answers(self) -> bool:
-        try:
-            with socket.socket(socket.AF_UNIX) as connection:
-                connection.settimeout(0.5)
-                connection.connect(str(self.socket_path))
-                connection.sendall(b"zPING\0")
-                return connection.recv(16).startswith(b"PONG")
-        except OSError:
-            return False
+        return _answers_ping(socket.AF_UNIX, str(self.socket_path), b"zPING\0", b"PONG")
 
     def stop(self) -> None:
         _stop(self.process, self.directory / "clamd.pid")
         self.process = None
         self.socket_path.unlink(missing_ok=True)
+
+
+def _answers_ping(family: socket.AddressFamily, address, request: bytes, reply: bytes) -> bool:
+    """Whether a server at `address` answers `request` with `reply` within half a second."""
+    try:
+        with socket.socket(family) as connection:
+            connection.settimeout(0.5)
+            connection.connect(address)
+            connection.sendall(request)
+            return connection.recv(16).startswith(reply)
+    except OSError:
+        return False
 
 
 def _stop(process: subprocess.Popen | None, pidfile: Path) -> None:

@@ -113,7 +113,9 @@ class Gate:
                 self.authenticator.authorize(principal, scope)  # a 403 is audited with who asked
             except AuthFailure as failure:
                 await self._auth_failed(caller, failure)
-        self.audit.record(caller.audit, "auth", "allowed", "authenticated", method=principal.method, plan=principal.plan)
+        self.audit.record(
+            caller.audit, "auth", "allowed", "authenticated", method=principal.method, plan=principal.plan, issuer=principal.issuer
+        )
         await self._refuse_if_banned(caller)
 
         plan = self.options.plans.get(principal.plan, self.options.plans["standard"])

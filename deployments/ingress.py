@@ -97,7 +97,7 @@ async def _request_context(request: Request, call_next):
     if caller is not None:  # every answer to an identified caller, errors included
         response.headers.update(rate_limit_headers(caller.decisions.values()))
     route = request.scope.get("route")
-    metrics.REQUESTS.inc(tags={"route": route.path if route else "unmatched", "status": str(response.status_code)})
+    metrics.REQUESTS.inc(tags={"route": route.path_format if route else "unmatched", "status": str(response.status_code)})
     metrics.STAGE_SECONDS.observe(time.perf_counter() - started, tags={"stage": "total"})
     return response
 

@@ -113,8 +113,7 @@ class SheddingOptions(_Strict):
 class AbuseOptions(_Strict):
     window_s: int = Field(60, ge=1)
     max_auth_failures: int = Field(20, ge=1)
-    max_rejected_uploads: int = Field(20, ge=1)
-    max_malware_hits: int = Field(1, ge=1)
+    max_malware_hits: int = Field(3, ge=1, description="Detections in the window that ban; one alone never does (false positives).")
     max_rate_limit_hits: int = Field(100, ge=1)
     ban_s: int = Field(300, ge=1, description="First ban; each repeat doubles it.")
     max_ban_s: int = Field(86400, ge=1)

@@ -185,6 +185,7 @@ def test_token_without_the_align_scope_is_forbidden(anonymous, oauth_issuer):
     [
         pytest.param({"iat": int(time.time()) - 3600, "exp": int(time.time()) - 600}, id="expired"),
         pytest.param({"aud": "https://other.example/api"}, id="wrong-audience"),
+        pytest.param({"scope": ["align"]}, id="scope-as-json-array"),  # RFC 9068: a space-separated string
     ],
 )
 def test_expired_or_foreign_token_is_an_invalid_token(anonymous, oauth_issuer, overrides):

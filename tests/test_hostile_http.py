@@ -2,8 +2,8 @@
 
 Uploads go to the tiny-Qwen3 application, whose aligner places any transcript on any audio, so an
 accepted upload answers 200 and a refused one its documented problem. After the corpus the service
-still serves a valid request. Each case uses a key of its own: one malware hit rightly bans the key
-that sent it.
+still serves a valid request. Each case uses a key of its own, so no case's answer depends on
+what the abuse counters made of the cases before it.
 """
 
 from __future__ import annotations

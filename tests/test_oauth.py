@@ -19,7 +19,8 @@ from authlib.integrations.httpx_client import AsyncOAuth2Client
 from serve_app.security.authenticate import AuthFailure
 from serve_app.security.jwks import cache_lifetime, discovery_urls
 from serve_app.security.oauth import JwtVerifier
-from serve_app.settings import OAuthIssuer, OAuthOptions
+from serve_app.security.ratelimit import RateLimiter, TokenBucketLimiter, principal_key
+from serve_app.settings import OAuthIssuer, OAuthOptions, Plan, RateLimitOptions
 from tests.support.issuer import AUDIENCE, LoopbackIssuer, hs256_with_public_key, new_rsa_key, unsigned_token
 
 pytestmark = pytest.mark.asyncio
@@ -99,6 +100,28 @@ async def test_scp_claim_and_sub_only_tokens(issuer, http):
     token = issuer.mint(issuer.access_token_claims(CLIENT_ID, "", scope=None, client_id=None, scp=["align"]))
     principal = await verifier.verify(token)
     assert (principal.id, principal.scopes) == (CLIENT_ID, {"align"})
+
+
+async def test_scope_claim_as_a_json_array_is_refused(issuer, http):
+    # RFC 9068 (via RFC 8693 §4.2) defines `scope` as one space-separated string.
+    verifier = _verifier(http, _issuer_config(issuer))
+    failure = await _rejection(verifier, issuer.mint(issuer.access_token_claims(CLIENT_ID, "", scope=["align"])))
+    assert (failure.status, failure.error, failure.reason) == (401, "invalid_token", "invalid-claim")
+    assert "scope" in failure.description
+
+
+async def test_same_client_id_at_two_issuers_is_two_principals_with_their_own_buckets(issuer, second_issuer, http, redis_client):
+    verifier = _verifier(http, _issuer_config(issuer), _issuer_config(second_issuer))
+    first = await verifier.verify(await _fetch_token(issuer))
+    second = await verifier.verify(await _fetch_token(second_issuer))
+    assert first.id == second.id == CLIENT_ID
+    assert (first.issuer, second.issuer) == (issuer.issuer, second_issuer.issuer)
+    assert principal_key(first) != principal_key(second)
+    # Both issuers are this module's own (new ports each run): no other test takes from these buckets.
+    limiter = RateLimiter(TokenBucketLimiter(redis_client), RateLimitOptions())
+    plan = Plan(requests_burst=2, requests_per_minute=0.001)
+    assert [(await limiter.take_request(first, plan)).allowed for _ in range(3)] == [True, True, False]
+    assert (await limiter.take_request(second, plan)).allowed
 
 
 # --- attacks -------------------------------------------------------------------------------

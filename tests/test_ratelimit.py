@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import ipaddress
 import time
 import uuid
 
@@ -24,6 +25,7 @@ from serve_app.security.ratelimit import (
     REQUESTS_POLICY,
     RateLimiter,
     TokenBucketLimiter,
+    principal_key,
 )
 from serve_app.security.ratelimit_headers import VENDOR_UNIT_PARAMETER, rate_limit_headers
 from serve_app.security.redis_store import request_path_client
@@ -44,8 +46,13 @@ def unique(prefix: str = "k") -> str:
     return f"{prefix}-{uuid.uuid4().hex[:12]}"
 
 
-def principal(method: str = "api_key", id: str | None = None) -> Principal:
-    return Principal(method=method, id=id or unique("key"), scopes=frozenset({"align"}), plan="standard")
+ISSUER = "https://issuer.example/"
+
+
+def principal(method: str = "api_key", id: str | None = None, issuer: str | None = ISSUER) -> Principal:
+    return Principal(
+        method=method, id=id or unique("key"), scopes=frozenset({"align"}), plan="standard", issuer=issuer if method == "jwt" else None
+    )
 
 
 def parse_list(value: str) -> http_sfv.List:
@@ -140,6 +147,17 @@ async def test_pre_auth_limit_is_per_client_ip(redis_client):
 
 
 @pytest.mark.asyncio
+async def test_pre_auth_limit_is_per_ipv6_64(redis_client):
+    limiter = RateLimiter(TokenBucketLimiter(redis_client), RateLimitOptions(pre_auth_burst=3, pre_auth_per_minute=0.001))
+    block = ipaddress.IPv6Network((0x2001_0DB8 << 96 | (uuid.uuid4().int % 2**32) << 64, 64))
+    decisions = [await limiter.take_pre_auth(str(block[host])) for host in (1, 2, 3, 2**64 - 1)]  # a new address each time
+    assert [decision.allowed for decision in decisions] == [True, True, True, False]
+    assert decisions[0].key == f"ip:{block}"
+    next_block = block.network_address + 2**64
+    assert (await limiter.take_pre_auth(str(next_block + 1))).allowed
+
+
+@pytest.mark.asyncio
 async def test_request_limit_is_per_principal_and_namespaced_by_method(redis_client):
     limiter = RateLimiter(TokenBucketLimiter(redis_client), RateLimitOptions())
     plan = Plan(requests_burst=2, requests_per_minute=0.001)
@@ -147,6 +165,31 @@ async def test_request_limit_is_per_principal_and_namespaced_by_method(redis_cli
     api_key, oauth_client = principal("api_key", shared_id), principal("jwt", shared_id)
     assert [(await limiter.take_request(api_key, plan)).allowed for _ in range(3)] == [True, True, False]
     assert (await limiter.take_request(oauth_client, plan)).allowed
+
+
+@pytest.mark.asyncio
+async def test_oauth_clients_of_two_issuers_with_one_client_id_have_their_own_buckets(redis_client):
+    limiter = RateLimiter(TokenBucketLimiter(redis_client), RateLimitOptions())
+    plan = Plan(requests_burst=2, requests_per_minute=0.001)
+    shared_id = unique("client")
+    first, second = principal("jwt", shared_id, "https://a.example/"), principal("jwt", shared_id, "https://b.example/")
+    assert [(await limiter.take_request(first, plan)).allowed for _ in range(3)] == [True, True, False]
+    assert (await limiter.take_request(second, plan)).allowed
+
+
+def test_principal_keys_are_unambiguous_and_api_keys_keep_theirs():
+    assert principal_key(principal("api_key", "k_123")) == "api_key:k_123"  # existing buckets and bans still apply
+    # An issuer URL ending where a client id begins cannot be confused with another issuer's client.
+    tricky = {principal_key(principal("jwt", "x:y", "https://a.example/")), principal_key(principal("jwt", "y", "https://a.example/x:"))}
+    assert len(tricky) == 2
+    key = principal_key(principal("jwt", "batch-worker", "https://a.example/"))
+    tag = key.split(":")[1]
+    assert key == f"jwt:{tag}:batch-worker" and len(tag) == 16 and "a.example" not in key
+    assert principal_key(principal("jwt", "batch-worker", "https://a.example/")) == key  # stable
+    with pytest.raises(ValueError):
+        principal("jwt", "batch-worker", None)
+    with pytest.raises(ValueError):
+        Principal(method="api_key", id="k_1", scopes=frozenset(), plan="standard", issuer=ISSUER)
 
 
 @pytest.mark.asyncio

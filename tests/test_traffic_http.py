@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import concurrent.futures
 import functools
+import ipaddress
 import threading
 import time
 import uuid
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Callable, Iterator
 
 import http_sfv
 import httpx
@@ -23,6 +24,7 @@ import pytest
 from ray import serve
 
 from serve_app.security.api_keys import format_api_key
+from serve_app.settings import AbuseOptions
 from tests.conftest import TEST_ABUSE, TEST_PLANS, create_api_key
 from tests.support.audio import silence_flac
 from tests.support.cluster import logs_dir
@@ -37,6 +39,7 @@ from tests.support.gate_http import (
     session,
 )
 from tests.support.hostile import tone_wav
+from tools.local_services import eicar
 from tests.test_api import assert_problem, eval_clip, post_align
 
 QWEN3 = "/qwen3"
@@ -131,12 +134,21 @@ def test_audio_seconds_budget_refuses_before_the_aligner(serve_url, redis_server
 # -- abuse: bans from credential stuffing ----------------------------------------------------------
 
 
-def _stuff_until_banned(anonymous, address: str) -> list[int]:
-    """Send well-formed keys that do not exist from `address` until it is refused; the statuses."""
+def _forwarded_probe(client: httpx.Client, credential: str, forwarded_lines: list[str]) -> httpx.Response:
+    """A gate probe whose X-Forwarded-For comes as these separate header lines."""
+    headers = [("Content-Type", "text/plain"), ("Authorization", f"Bearer {credential}")]
+    headers += [("X-Forwarded-For", line) for line in forwarded_lines]
+    return client.post(f"{QWEN3}/v1/align", content=b"not a multipart form", headers=headers)
+
+
+def _stuff_until_banned(anonymous, address: str | Callable[[int], list[str]]) -> list[int]:
+    """Send well-formed keys that do not exist from `address` (or, per attempt, from the
+    X-Forwarded-For lines it gives) until it is refused; the statuses."""
+    forwarded = address if callable(address) else lambda _: [address]
     statuses: list[int] = []
     while len(statuses) < 3 * TEST_ABUSE["max_auth_failures"]:
         guessed = format_api_key(uuid.uuid4().hex[:12], uuid.uuid4().hex)
-        response = gate_probe(anonymous, QWEN3, {**bearer(guessed), **from_ip(address)})
+        response = _forwarded_probe(anonymous, guessed, forwarded(len(statuses)))
         statuses.append(response.status_code)
         if response.status_code == 429:
             assert_iana_problem(response, 429, "abnormal-usage-detected")
@@ -184,6 +196,62 @@ def test_admin_lists_and_lifts_a_ban(anonymous, serve_url, align_key, admin_key)
         assert with_valid_key().status_code == PASSED_GATE
         assert subject not in listed_subjects()
         assert_problem(admin.delete(f"{QWEN3}/v1/admin/bans/{subject}"), 404, "not-found")
+
+
+def test_a_client_line_of_x_forwarded_for_cannot_get_a_victim_banned(anonymous, align_key):
+    # Behind a proxy that adds its own header line, the client's own line names a victim.
+    victim, stuffer = "203.0.113.13", "203.0.113.14"
+    assert _stuff_until_banned(anonymous, lambda _: [victim, stuffer])[-1] == 429
+    assert _forwarded_probe(anonymous, align_key, [victim]).status_code == PASSED_GATE
+    assert_iana_problem(_forwarded_probe(anonymous, align_key, [stuffer]), 429, "abnormal-usage-detected")
+
+
+def test_an_ipv6_client_hopping_addresses_is_banned_by_its_64_and_lifted_as_listed(anonymous, serve_url, align_key, admin_key):
+    block = ipaddress.IPv6Network((0x2001_0DB8 << 96 | (uuid.uuid4().int % 2**32) << 64, 64))
+    subject = f"ip:{block}"  # "ip:2001:db8:…::/64"
+    assert _stuff_until_banned(anonymous, lambda attempt: [str(block[attempt + 1])]) == [401] * TEST_ABUSE["max_auth_failures"] + [429]
+    assert_iana_problem(_forwarded_probe(anonymous, align_key, [str(block[2**64 - 2])]), 429, "abnormal-usage-detected")
+    neighbour = block.network_address + 2**64 + 1
+    assert _forwarded_probe(anonymous, align_key, [str(neighbour)]).status_code == PASSED_GATE
+    with session(serve_url, admin_key) as admin:
+        listed = {ban["subject"] for ban in admin.get(f"{QWEN3}/v1/admin/bans").json()}
+        assert subject in listed
+        lifted = admin.delete(f"{QWEN3}/v1/admin/bans/{subject}")
+        assert lifted.status_code == 204, lifted.text
+    assert _forwarded_probe(anonymous, align_key, [str(block[1])]).status_code == PASSED_GATE
+
+
+# -- abuse: which refused uploads count ------------------------------------------------------------
+
+NOT_AUDIO = b"Minutes of the meeting, not a recording. " * 64
+BENIGN_REFUSALS_SENT = 25  # more than the old 20-refusal threshold that banned for this
+
+
+def _upload(caller: httpx.Client, audio: bytes, address: str) -> httpx.Response:
+    files = {"audio": ("clip.mp4", audio, "video/mp4")}
+    return caller.post(f"{QWEN3}/v1/align", files=files, data={"text": "hello"}, headers=from_ip(address))
+
+
+def test_many_unsupported_uploads_never_ban_the_key_or_the_address(serve_url, redis_server):
+    key, office = _new_key(redis_server, "unlimited"), "203.0.113.15"
+    with session(serve_url, key) as batch:
+        statuses = [_upload(batch, NOT_AUDIO, office).status_code for _ in range(BENIGN_REFUSALS_SENT)]
+        assert statuses == [415] * BENIGN_REFUSALS_SENT
+        assert gate_probe(batch, QWEN3, from_ip(office)).status_code == PASSED_GATE
+
+
+def test_repeated_malware_bans_the_key_and_the_address_but_one_hit_does_not(anonymous, serve_url, redis_server, align_key):
+    key, sender = _new_key(redis_server, "unlimited"), "203.0.113.16"
+    hits = AbuseOptions().max_malware_hits
+    with session(serve_url, key) as caller:
+        first = _upload(caller, eicar(), sender)
+        assert_problem(first, 422, "malware-detected")
+        assert gate_probe(caller, QWEN3, from_ip(sender)).status_code == PASSED_GATE  # one hit: refused, not banned
+        for _ in range(hits - 1):
+            assert_problem(_upload(caller, eicar(), sender), 422, "malware-detected")
+        # Checked within the app's 5 s ban: the key from elsewhere, the address with another key.
+        assert_iana_problem(gate_probe(caller, QWEN3, from_ip("203.0.113.17")), 429, "abnormal-usage-detected")
+        assert_iana_problem(gate_probe(anonymous, QWEN3, {**bearer(align_key), **from_ip(sender)}), 429, "abnormal-usage-detected")
 
 
 # -- load shedding ---------------------------------------------------------------------------------

@@ -92,7 +92,8 @@ async def list_bans(caller: Caller = Depends(admin), gate: Gate = Depends(gate))
     return [BanOut(subject=ban.subject, reason=ban.reason, offence=ban.offence, retry_after_s=ban.retry_after_s) for ban in await gate.abuse.list_bans()]
 
 
-@router.delete("/bans/{subject}", status_code=204, summary="Lift a ban (subject as listed, e.g. ip:203.0.113.7)")
+# `:path`: an IPv6 subject is a /64 ("ip:2001:db8::/64"), whose slash must not end the route.
+@router.delete("/bans/{subject:path}", status_code=204, summary="Lift a ban (subject as listed, e.g. ip:203.0.113.7 or ip:2001:db8::/64)")
 async def lift_ban(subject: str = Path(pattern=_BAN_SUBJECT), caller: Caller = Depends(admin), gate: Gate = Depends(gate)):
     if not await gate.abuse.lift(subject):
         raise Problem("not-found", "no such ban")

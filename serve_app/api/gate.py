@@ -3,7 +3,7 @@
     admit()          client IP (trusted proxies only), ban check, pre-authentication IP bucket
     authenticate()   credential -> Principal, scope, principal ban, load shedding, request bucket
     charge_audio()   decoded audio seconds against the principal's audio bucket
-    upload_refused() count refused uploads and malware toward abuse bans
+    upload_refused() audit a refused upload; count it toward bans only if hostile (abuse.refusal_event)
 
 Each step turns its decision into a problem (4xx/503), a metric and an audit line; the modules it
 composes (serve_app.security.*) know nothing of HTTP. One Gate per ingress replica: it owns the
@@ -26,7 +26,7 @@ from fastapi import Request
 
 from serve_app import metrics
 from serve_app.api.problems import Problem
-from serve_app.security.abuse import AbuseEvent, AbuseMonitor
+from serve_app.security.abuse import AbuseEvent, AbuseMonitor, refusal_event
 from serve_app.security.api_keys import ApiKeyStore, ApiKeyVerifier
 from serve_app.security.audit import AuditContext, AuditLog
 from serve_app.security.authenticate import AuthFailure, Authenticator, www_authenticate
@@ -41,7 +41,6 @@ from serve_app.settings import Environment, IngressOptions
 logger = logging.getLogger("ray.serve")
 
 _AUTH_PROBLEMS = {400: "invalid-request", 401: "unauthenticated", 403: "insufficient-scope", 503: "service-unavailable"}
-_REJECTION_EVENTS: dict[str, AbuseEvent] = {"malware-detected": "malware"}
 
 
 @dataclass
@@ -97,7 +96,7 @@ class Gate:
         peer = request.client.host if request.client else "0.0.0.0"
         caller = Caller(
             request_id=request.state.request_id,
-            client_ip=client_ip(peer, request.headers.get("x-forwarded-for"), self.options.trusted_proxies),
+            client_ip=client_ip(peer, request.headers.getlist("x-forwarded-for"), self.options.trusted_proxies),
             route=route,
         )
         await self._refuse_if_banned(caller)
@@ -114,7 +113,9 @@ class Gate:
                 self.authenticator.authorize(principal, scope)  # a 403 is audited with who asked
             except AuthFailure as failure:
                 await self._auth_failed(caller, failure)
-        self.audit.record(caller.audit, "auth", "allowed", "authenticated", method=principal.method, plan=principal.plan)
+        self.audit.record(
+            caller.audit, "auth", "allowed", "authenticated", method=principal.method, plan=principal.plan, issuer=principal.issuer
+        )
         await self._refuse_if_banned(caller)
 
         plan = self.options.plans.get(principal.plan, self.options.plans["standard"])
@@ -162,9 +163,10 @@ class Gate:
         await self._enforce(caller, decision, decoded_seconds=round(decoded_seconds, 3))
 
     async def upload_refused(self, caller: Caller, slug: str, signature: str | None = None) -> None:
-        event = _REJECTION_EVENTS.get(slug, "rejected_upload")
         self.audit.record(caller.audit, "scan", "denied", slug, signature=signature)
-        await self._record(caller, event, by_principal=True)
+        event = refusal_event(slug)
+        if event is not None:
+            await self._record(caller, event, by_principal=True)
 
     # -- shared ------------------------------------------------------------------------------------
 

@@ -1,11 +1,27 @@
 """Abuse detection: sliding-window event counts per IP and per principal, and temporary bans.
 
-Events: auth_failure, rejected_upload, malware, rate_limited. Each (event, subject) has a sliding
-window in Redis (a sorted set, trimmed on every event, in one atomic script: abuse_record.lua).
-Crossing the event's threshold (AbuseOptions) bans the subject for `ban_s`; each further offence
-within the offence memory doubles the ban, up to `max_ban_s`. Subjects are "ip:<address>" and
-"principal:<principal key>" (see ratelimit.principal_key). Addresses in `allow_networks` are never
-counted or banned; their principals still can be.
+Events: auth_failure, malware, rate_limited. Each (event, subject) has a sliding window in Redis
+(a sorted set, trimmed on every event, in one atomic script: abuse_record.lua). Crossing the
+event's threshold (AbuseOptions) bans the subject for `ban_s`; each further offence within the
+offence memory doubles the ban, up to `max_ban_s`. Subjects are "ip:<address block>" (see
+client_ip.address_block: the address for IPv4, its /64 for IPv6) and "principal:<principal key>"
+(see ratelimit.principal_key). Addresses in `allow_networks` are never counted or banned; their
+principals still can be.
+
+Only hostile signals count, never an honest mistake: a ban also locks out everyone behind the same
+office address, so a signal counts only if a well-behaved client cannot earn it by sending what it
+believes is a real recording. Hence:
+- credential failures (400/401), by IP;
+- malware detections (`HOSTILE_REFUSALS`); every other scanner refusal (unsupported format,
+  undecodable, too long, too many channels, decode timeout, ...) is benign and counts toward no
+  ban: a decoder bomb or a lying header is refused with the same answer an honest over-long file
+  gets, and cannot be told apart from one. The requests bucket already bounds how often anyone
+  can make the scanner refuse something;
+- quota refusals (429) repeated `max_rate_limit_hits` times in the window: a client retrying
+  without honouring Retry-After.
+One malware detection does not ban (`max_malware_hits` defaults to 3 in the window): signatures
+have false positives, and the upload is refused whatever the count; repeated hits ban the principal
+and the address.
 
 Record auth failures against the IP only: a claimed key id is not proof of identity, and
 counting failures against it would let anyone get a victim's key banned by sending wrong secrets
@@ -26,14 +42,17 @@ from typing import Literal, get_args
 
 from redis.asyncio import Redis
 
-from serve_app.security.client_ip import in_networks, parse_address, parse_networks
+from serve_app.security.client_ip import address_block, in_networks, parse_address, parse_networks
 from serve_app.security.redis_store import STORE_ERRORS, StoreHealth, load_script
 from serve_app.settings import AbuseOptions
 
 logger = logging.getLogger(__name__)
 
-AbuseEvent = Literal["auth_failure", "rejected_upload", "malware", "rate_limited"]
+AbuseEvent = Literal["auth_failure", "malware", "rate_limited"]
 ABUSE_EVENTS: tuple[str, ...] = get_args(AbuseEvent)
+
+# The scanner refusals (problem slugs) that count toward bans; every other refusal is benign.
+HOSTILE_REFUSALS: dict[str, AbuseEvent] = {"malware-detected": "malware"}
 
 KEY_PREFIX = "abuse"
 
@@ -47,8 +66,13 @@ class Ban:
     retry_after_s: int  # how long it still runs
 
 
+def refusal_event(slug: str) -> AbuseEvent | None:
+    """The abuse event a refused upload counts as, or None for a benign refusal."""
+    return HOSTILE_REFUSALS.get(slug)
+
+
 def ip_subject(ip: str) -> str:
-    return f"ip:{ip}"
+    return f"ip:{address_block(ip)}"
 
 
 def principal_subject(principal_key: str) -> str:
@@ -67,7 +91,6 @@ class AbuseMonitor:
         self._allowed_networks = parse_networks(tuple(options.allow_networks))
         self._thresholds: dict[str, int] = {
             "auth_failure": options.max_auth_failures,
-            "rejected_upload": options.max_rejected_uploads,
             "malware": options.max_malware_hits,
             "rate_limited": options.max_rate_limit_hits,
         }
@@ -136,9 +159,14 @@ class AbuseMonitor:
         return sorted((ban for ban in bans if ban), key=lambda ban: ban.subject)
 
     async def lift(self, subject: str) -> bool:
-        """End a subject's ban and forget its offences and pending events; False if it was not banned."""
+        """End a subject's ban and forget its offences and pending events; False if it was not banned.
+
+        An "ip:" subject may name any address of the block, as "ip:2001:db8::7" for "ip:2001:db8::/64".
+        """
         if not subject.startswith(("ip:", "principal:")):
             raise ValueError("a subject is 'ip:<address>' or 'principal:<principal key>'")
+        if subject.startswith("ip:"):
+            subject = ip_subject(subject.removeprefix("ip:"))
         async with self._redis.pipeline(transaction=True) as pipeline:
             pipeline.delete(_ban_key(subject))
             pipeline.delete(_offences_key(subject), *(_events_key(event, subject) for event in ABUSE_EVENTS))

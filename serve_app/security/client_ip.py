@@ -6,6 +6,14 @@ trusted proxy network, walk the header right to left (each proxy appends the add
 past further trusted proxies; the first address that is not a trusted proxy is the client.
 Entries left of that point are the client's own claims and are never read.
 
+The header may arrive as several lines (a proxy that adds its own line instead of extending the
+client's): they are one list, in order (RFC 9110 §5.3), so every line is read and the walk starts
+at the last. Reading only the first line would let the client's own line pick its address.
+
+Limits and bans apply to `address_block(ip)`, not the address: IPv4 per address, IPv6 per /64,
+the block one subscriber gets (RFC 6177) and picks addresses from at will, so per-address
+counting would give one IPv6 client 2^64 buckets. The audit log keeps the full address.
+
 A malformed entry (garbage, "unknown", an obfuscated RFC 7239 token) ends the walk and the last
 trusted hop is returned: skipping it would step into client-written territory. Addresses are
 normalised (ports and brackets stripped, IPv4-mapped IPv6 as IPv4) so one client cannot appear
@@ -16,6 +24,7 @@ a configuration error (ValueError).
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Sequence
 from functools import lru_cache
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -23,17 +32,24 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 # Bound the walk: real chains are a handful of proxies long.
 MAX_FORWARDED_HOPS = 16
+IPV6_BLOCK_PREFIX = 64
+_IPV6_BLOCK_MASK = ((1 << IPV6_BLOCK_PREFIX) - 1) << (128 - IPV6_BLOCK_PREFIX)
 
 
-def client_ip(peer: str, x_forwarded_for: str | None, trusted_proxies: list[str]) -> str:
-    """The client's address as text; `peer` itself (normalised) unless trusted proxies vouch otherwise."""
+def client_ip(peer: str, x_forwarded_for: Sequence[str], trusted_proxies: list[str]) -> str:
+    """The client's address as text; `peer` itself (normalised) unless trusted proxies vouch otherwise.
+
+    `x_forwarded_for` holds every X-Forwarded-For line of the request, in the order received.
+    """
+    if isinstance(x_forwarded_for, str):
+        raise TypeError("x_forwarded_for is the list of header lines, not one line")
     peer_address = parse_address(peer)
     if peer_address is None:
         return peer  # not an IP peer (unix socket, test client): nothing to walk from
     networks = parse_networks(tuple(trusted_proxies))
     if not x_forwarded_for or not in_networks(peer_address, networks):
         return str(peer_address)
-    hops = x_forwarded_for.split(",")[-MAX_FORWARDED_HOPS:]
+    hops = ",".join(x_forwarded_for).split(",")[-MAX_FORWARDED_HOPS:]
     nearest = peer_address
     for hop in reversed(hops):
         address = parse_address(hop)
@@ -43,6 +59,16 @@ def client_ip(peer: str, x_forwarded_for: str | None, trusted_proxies: list[str]
         if not in_networks(address, networks):
             break
     return str(nearest)
+
+
+def address_block(ip: str) -> str:
+    """The subject of per-IP limits and bans for `ip`: the address itself for IPv4, its /64 for IPv6
+    ("2001:db8:1:2::/64"); text that is not an address (a test client's peer name) stays as it is."""
+    address = parse_address(ip)
+    if not isinstance(address, ipaddress.IPv6Address):
+        return str(address) if address is not None else ip
+    network_address = ipaddress.IPv6Address(int(address) & _IPV6_BLOCK_MASK)  # cheaper than an IPv6Network
+    return f"{network_address}/{IPV6_BLOCK_PREFIX}"
 
 
 def parse_address(text: str) -> IPAddress | None:

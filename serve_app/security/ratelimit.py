@@ -3,7 +3,8 @@
 - `TokenBucketLimiter`: one atomic Lua script (token_bucket.lua) per decision, timed by the Redis
   server's clock; it knows nothing of principals or plans.
 - `RateLimiter`: the three policies, each a named bucket:
-    "pre-auth"       per client IP, before credentials are checked (RateLimitOptions.pre_auth_*);
+    "pre-auth"       per client address block (client_ip.address_block: IPv4 address, IPv6 /64),
+                     before credentials are checked (RateLimitOptions.pre_auth_*);
     "requests"       per principal, from its Plan;
     "audio-seconds"  per principal, from its Plan, charged the *decoded* duration once the scanner
                      has decoded the upload and before the aligner runs (an upload's headers can
@@ -27,6 +28,7 @@ from dataclasses import dataclass
 
 from redis.asyncio import Redis
 
+from serve_app.security.client_ip import address_block
 from serve_app.security.concurrency import ConcurrencyCap
 from serve_app.security.principal import Principal
 from serve_app.security.redis_store import STORE_ERRORS, StoreHealth, load_script
@@ -45,7 +47,7 @@ class Decision:
     """The outcome of one take on one bucket; what the headers and the problem document report."""
 
     policy: str
-    key: str  # whose bucket: "ip:203.0.113.7", "api_key:k_123"; never a secret
+    key: str  # whose bucket: "ip:203.0.113.7", "ip:2001:db8::/64", "api_key:k_123"; never a secret
     allowed: bool
     limit: float  # capacity in force (after the load factor)
     window_s: float  # time for an empty bucket to fill: the policy's window
@@ -99,7 +101,16 @@ class TokenBucketLimiter:
 
 
 def principal_key(principal: Principal) -> str:
-    """API key ids and OAuth client ids live in separate namespaces: never let them share a bucket."""
+    """Whose buckets and bans: "api_key:<key id>" or "jwt:<issuer tag>:<client id>".
+
+    API key ids and OAuth client ids live in separate namespaces, and so does each issuer's: two
+    issuers may both have a client "batch-worker", and they are different callers. The issuer
+    enters as a fixed-length hash (see Principal.issuer_tag), so no issuer URL or client id can
+    forge another's key, and the key stays short and safe in a URL path (DELETE /v1/admin/bans/...).
+    API-key principals' keys are unchanged, so their existing buckets and bans keep applying.
+    """
+    if principal.method == "jwt":
+        return f"jwt:{principal.issuer_tag}:{principal.id}"
     return f"{principal.method}:{principal.id}"
 
 
@@ -129,7 +140,7 @@ class RateLimiter:
         """One request from `client_ip`, before its credentials are checked."""
         options = self._options
         return await self._take(
-            PRE_AUTH_POLICY, f"ip:{client_ip}", options.pre_auth_burst, options.pre_auth_per_minute / 60, 1.0, load_factor
+            PRE_AUTH_POLICY, f"ip:{address_block(client_ip)}", options.pre_auth_burst, options.pre_auth_per_minute / 60, 1.0, load_factor
         )
 
     async def take_request(self, principal: Principal, plan: Plan, *, load_factor: float = 1.0) -> Decision:

@@ -2,6 +2,12 @@
 
 Shared by the JWT verifier and the introspector so both read scopes, identity and plan the same
 way. Raises `AuthFailure` 401 for claims of the wrong shape.
+
+Scopes: `scope` must be the space-separated string RFC 9068 §2.2.3 (via RFC 8693 §4.2) and RFC 7662
+define; a `scope` of any other shape (a JSON array included) is refused 401 invalid_token, since a
+token whose issuer writes a standard claim in a non-standard shape is one we cannot be sure we read
+as its issuer meant. `scp` (not in any RFC; Okta writes an array, Entra ID a string) is read in
+either shape when there is no `scope`.
 """
 
 from __future__ import annotations
@@ -32,18 +38,22 @@ def principal_from_claims(claims: Mapping[str, Any], issuer: OAuthIssuer) -> Pri
         id=principal_id,
         scopes=_scopes(claims),
         plan=issuer.plan_by_client.get(principal_id, issuer.default_plan),
+        issuer=issuer.issuer,
     )
 
 
 def _scopes(claims: Mapping[str, Any]) -> frozenset[str]:
-    """RFC 9068 `scope` (space-separated string), or `scp` (a string or an array, as some issuers send)."""
-    for name in ("scope", "scp"):
-        value = claims.get(name)
-        if value is None:
-            continue
-        if isinstance(value, str):
-            return frozenset(value.split())
-        if isinstance(value, list) and all(isinstance(scope, str) for scope in value):
-            return frozenset(value)
-        raise AuthFailure.invalid_token("invalid-claim", f"the token's {name} claim is malformed", "jwt")
-    return frozenset()
+    """RFC 9068 `scope` (a space-separated string only), else `scp` (a string or an array)."""
+    scope = claims.get("scope")
+    if scope is not None:
+        if isinstance(scope, str):
+            return frozenset(scope.split())
+        raise AuthFailure.invalid_token("invalid-claim", "the token's scope claim must be a space-separated string (RFC 9068)", "jwt")
+    scp = claims.get("scp")
+    if scp is None:
+        return frozenset()
+    if isinstance(scp, str):
+        return frozenset(scp.split())
+    if isinstance(scp, list) and all(isinstance(scope, str) for scope in scp):
+        return frozenset(scp)
+    raise AuthFailure.invalid_token("invalid-claim", "the token's scp claim is malformed", "jwt")

@@ -149,13 +149,18 @@ def test_alignment_failing_on_our_side_refunds_its_audio_seconds(serve_url, redi
         deadline = time.monotonic() + 60
         while _audio_bucket_tokens(redis_server, key) is None and time.monotonic() < deadline:
             time.sleep(0.02)
-        assert _audio_bucket_tokens(redis_server, key) == pytest.approx(bucket - 60.0, abs=0.01)  # charged
+        charged = _audio_bucket_tokens(redis_server, key)
+        assert charged is not None and charged <= bucket - 60.0 + 0.01
         time.sleep(1.0)
         os.kill(pid, signal.SIGKILL)
         response = in_flight.result()
     assert_problem(response, 503, "service-unavailable")
-    assert _policies(response.headers["ratelimit"])["audio-seconds"]["r"] == bucket
-    assert _audio_bucket_tokens(redis_server, key) in (None, pytest.approx(bucket, abs=0.01))
+    # Full again, at the capacity in force: the shedder shrinks capacities while the aligner is
+    # missing, and a refund never lifts a bucket above the capacity in force.
+    limit = _policies(response.headers["ratelimit-policy"])["audio-seconds"]["q"]
+    assert _policies(response.headers["ratelimit"])["audio-seconds"]["r"] == limit, response.headers
+    refunded = _audio_bucket_tokens(redis_server, key)
+    assert refunded is None or refunded == pytest.approx(limit, abs=1), (charged, refunded, limit)
 
     # Leave the session's graph serving: Serve replaces the killed replica.
     deadline = time.monotonic() + 90

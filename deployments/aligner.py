@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections import Counter
 
@@ -92,6 +93,10 @@ class Aligner:
             # figure from the last busy spell (an idle aligner reports 0).
             "batch_wait_s": time.monotonic() - min(self._waiting_since.values()) if self._waiting_since else 0.0,
         }
+
+    async def pid(self) -> int:
+        """This replica's process id (the refund test kills it mid-alignment)."""
+        return os.getpid()
 
     async def batch_sizes(self) -> dict[int, int]:
         """How many batches of each size this replica has run (for tests and bench/)."""

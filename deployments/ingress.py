@@ -6,8 +6,8 @@ POST /v1/align reads as the request path:
   7.   stream the multipart body under a byte cap                         (serve_app.api.upload)
   8.   validate the transcript and its language                           (serve_app.text.transcript)
   9.   scan: clamd, sniff, capped decode in a Scanner replica             (deployments.scanner)
-  10.  charge the decoded audio seconds; check duration and plausibility
-  11.  align in a batching Aligner replica                                (deployments.aligner)
+  10.  check duration and plausibility; only then charge the decoded audio seconds
+  11.  align in a batching Aligner replica; a 5xx refunds the charge       (deployments.aligner)
   12.  map unit times back to the caller's words and render               (serve_app.text.timing, api.formats)
 Each decision is counted (serve_app.metrics) and audited (serve_app.security.audit).
 
@@ -179,10 +179,16 @@ class Ingress:
             raise Problem("unsupported-language", f"the {backend.name} backend does not align {transcript.language}")
 
         audio = await self._scan(form, caller, options)
+        self._check_duration(audio, backend, transcript, self._gate.longest_audio_seconds(caller))
+        # Charged only once the request will be worked on, and given back when that work fails on
+        # our side (a 5xx): a caller pays for alignments, not for refusals or our outages.
         await self._gate.charge_audio(caller, audio.duration_seconds)
-        self._check_duration(audio, backend, transcript)
-
-        timings = await self._align(AlignmentJob(audio.samples, transcript.units, transcript.language), options)
+        try:
+            timings = await self._align(AlignmentJob(audio.samples, transcript.units, transcript.language), options)
+        except Exception as failure:
+            if not isinstance(failure, Problem) or failure.type.status >= 500:
+                await self._gate.refund_audio(caller, audio.duration_seconds)
+            raise
         metrics.AUDIO_SECONDS.inc(audio.duration_seconds, tags={"backend": backend.name})
         words = word_timings(transcript, timings, audio.duration_seconds)
         return self._render(form.format, request, transcript, audio, backend, words)
@@ -258,13 +264,17 @@ class Ingress:
         return verdict
 
     @staticmethod
-    def _check_duration(audio: DecodedAudio, backend: BackendInfo, transcript: Transcript) -> None:
+    def _check_duration(audio: DecodedAudio, backend: BackendInfo, transcript: Transcript, longest_admitted_s: float) -> None:
         if audio.duration_seconds < _MIN_AUDIO_SECONDS:
             raise Problem("audio-too-short", f"the audio lasts {audio.duration_seconds:.3f} s; at least {_MIN_AUDIO_SECONDS} s is needed")
         if audio.duration_seconds > backend.max_audio_seconds:
             raise Problem(
                 "audio-too-long",
                 f"the audio lasts {audio.duration_seconds:.1f} s; the {backend.name} backend aligns at most {backend.max_audio_seconds:.0f} s",
+            )
+        if audio.duration_seconds > longest_admitted_s:
+            raise Problem(
+                "audio-too-long", f"the audio lasts {audio.duration_seconds:.1f} s; this plan admits at most {longest_admitted_s:g} s"
             )
         try:
             check_plausible(transcript, audio.duration_seconds)

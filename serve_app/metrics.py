@@ -39,7 +39,7 @@ STAGE_SECONDS = Histogram(
 AUTH_FAILURES = Counter("aligner_auth_failures", "Rejected credentials.", tag_keys=_tags("method", "reason"))
 RATELIMIT_DECISIONS = Counter(
     "aligner_ratelimit_decisions",
-    "Rate-limit decisions (allowed, denied, error_allowed, error_denied).",
+    "Rate-limit decisions (allowed, denied, error_allowed, error_denied; refunded, refund_failed).",
     tag_keys=_tags("policy", "result"),
 )
 SHED = Counter("aligner_shed", "Requests shed under load before queueing.", tag_keys=_tags("plan"))

@@ -57,6 +57,9 @@ class Plan(_Strict):
     requests_per_minute: float = Field(60.0, gt=0, description="Request bucket refill.")
     audio_seconds_burst: float = Field(1800.0, gt=0, description="Audio-seconds bucket capacity.")
     audio_seconds_per_hour: float = Field(3600.0, gt=0, description="Audio-seconds bucket refill.")
+    max_audio_seconds: float | None = Field(
+        None, gt=0, description="Longest single upload on this plan (decoded); default the ingress's max_audio_seconds."
+    )
     priority: int = Field(0, ge=0, le=10, description="Under load, lower priorities are shed first.")
 
 
@@ -133,6 +136,10 @@ class IngressOptions(_Strict):
     max_transcript_chars: int = Field(20_000, gt=0)
     max_transcript_units: int = Field(5_000, gt=0, description="Alignment units (words, CJK characters).")
     default_language: str = Field("English", description="Used when a request names no language.")
+    max_audio_seconds: float = Field(
+        600.0, gt=0, description="Longest decoded audio the ingress admits (the backend's own limit may be lower); "
+        "every plan's audio_seconds_burst must hold it."
+    )
     scan_timeout_s: float = Field(30.0, gt=0)
     align_timeout_s: float = Field(120.0, gt=0)
     retry_after_s: int = Field(5, ge=1, description="Retry-After sent with 503 answers.")
@@ -165,6 +172,24 @@ class IngressOptions(_Strict):
         missing = named - set(self.plans)
         if missing or "standard" not in self.plans:
             raise ValueError(f"unknown plan(s): {sorted(missing or {'standard'})}")
+        return self
+
+    def longest_audio_seconds(self, plan: Plan) -> float:
+        """The longest decoded audio one request on `plan` may send."""
+        return min(self.max_audio_seconds, plan.max_audio_seconds or self.max_audio_seconds)
+
+    @model_validator(mode="after")
+    def _audio_buckets_hold_the_longest_audio(self) -> "IngressOptions":
+        # Audio seconds are charged whole, so a bucket smaller than the longest admitted audio
+        # would refuse such a request forever, however long the caller waits.
+        for name, plan in self.plans.items():
+            longest = self.longest_audio_seconds(plan)
+            if plan.audio_seconds_burst < longest:
+                raise ValueError(
+                    f"plan {name!r}: audio_seconds_burst {plan.audio_seconds_burst:g} cannot hold the longest audio it may send"
+                    f" ({longest:g} s), so such a request could never be served; raise the burst or lower the plan's"
+                    " max_audio_seconds"
+                )
         return self
 
 

@@ -39,7 +39,9 @@ TEST_MAX_UPLOAD_BYTES = 4 * 1024 * 1024  # small, so the 413 tests stay quick
 TEST_PLANS = {
     "unlimited": {"requests_burst": 100000, "requests_per_minute": 100000, "audio_seconds_burst": 1e7, "audio_seconds_per_hour": 1e7, "priority": 10},
     "five-requests": {"requests_burst": 5, "requests_per_minute": 0.001, "audio_seconds_burst": 1e6, "audio_seconds_per_hour": 1e6},
-    "ten-audio-seconds": {"requests_burst": 1000, "requests_per_minute": 1000, "audio_seconds_burst": 10, "audio_seconds_per_hour": 0.001},
+    # A bucket must hold the plan's longest audio (IngressOptions checks it), hence max_audio_seconds.
+    "ten-audio-seconds": {"requests_burst": 1000, "requests_per_minute": 1000, "audio_seconds_burst": 10, "audio_seconds_per_hour": 0.001, "max_audio_seconds": 10},
+    "hour-of-audio": {"requests_burst": 1000, "requests_per_minute": 1000, "audio_seconds_burst": 3600, "audio_seconds_per_hour": 0.001},
 }
 
 # OAuth2 clients registered with the session's loopback issuer.

@@ -7,6 +7,7 @@ import pytest
 import yaml
 
 from serve_app.config_lint import lint_cluster_config, lint_file, lint_serve_config
+from serve_app.settings import IngressOptions, ScannerOptions
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -21,7 +22,11 @@ def serve_config() -> dict:
 
 
 def deployment(config: dict, name: str) -> dict:
-    return next(item for item in config["applications"][0]["deployments"] if item["name"] == name)
+    return deployment_in(config["applications"][0], name)
+
+
+def deployment_in(app: dict, name: str) -> dict:
+    return next(item for item in app["deployments"] if item["name"] == name)
 
 
 def mutated(mutate) -> list[str]:
@@ -64,3 +69,30 @@ def test_cluster_schema_violations_are_caught():
     problems = lint_cluster_config(config)
     assert any("max_worker" in problem for problem in problems)
     assert any("CPU: 0" in problem for problem in problems)
+
+
+@pytest.mark.parametrize("path", ["configs/serve.yaml", "configs/serve.gpu.yaml"])
+def test_every_plan_can_hold_the_longest_audio_its_application_admits(path):
+    # Audio seconds are charged whole: a bucket smaller than the longest admitted upload would
+    # refuse that upload forever. The scanner's cap bounds what is decoded at all.
+    config = yaml.safe_load((ROOT / path).read_text())
+    for app in config["applications"]:
+        ingress = IngressOptions.model_validate(deployment_in(app, "Ingress")["user_config"])
+        scanner = ScannerOptions.model_validate(deployment_in(app, "Scanner")["user_config"])
+        for name, plan in ingress.plans.items():
+            longest = min(ingress.longest_audio_seconds(plan), scanner.max_decoded_seconds)
+            assert plan.audio_seconds_burst >= longest, (path, name)
+
+
+def test_plan_whose_audio_bucket_cannot_hold_the_longest_audio_is_caught():
+    small = {"standard": {"audio_seconds_burst": 300}}
+    problems = mutated(lambda config: deployment(config, "Ingress")["user_config"].update(plans=small))
+    assert any("plan 'standard'" in problem and "could never be served" in problem for problem in problems), problems
+    # Lowering the plan's own longest upload to what its bucket holds is a valid fix.
+    fitted = {"standard": {"audio_seconds_burst": 300, "max_audio_seconds": 300}}
+    assert mutated(lambda config: deployment(config, "Ingress")["user_config"].update(plans=fitted)) == []
+
+
+def test_the_plan_limit_never_raises_the_ingress_limit():
+    options = IngressOptions(max_audio_seconds=120, plans={"standard": {"max_audio_seconds": 900, "audio_seconds_burst": 120}})
+    assert options.longest_audio_seconds(options.plans["standard"]) == 120

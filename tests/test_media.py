@@ -13,6 +13,7 @@ from pathlib import Path
 
 import av
 import av.error
+import magic
 import numpy as np
 import pytest
 
@@ -25,7 +26,18 @@ from serve_app.media import (
     sniff_container,
 )
 from serve_app.media.decode import container_options
-from tests.support.audio import CONTAINERS, encode, png_image, silence_flac, tone, with_cover_art
+from serve_app.media.sniff import DEMUXER_BY_MIME, MAX_LEADING_TAGS, SNIFF_BYTES
+from tests.support.audio import (
+    CONTAINERS,
+    encode,
+    id3v2_tag,
+    png_image,
+    silence_flac,
+    text_frame,
+    tone,
+    wav_with_chunks_before_fmt,
+    with_cover_art,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TONE_HZ = 440.0
@@ -106,6 +118,135 @@ def test_sniff_rejects_what_is_not_allowed_audio(upload: bytes):
     with pytest.raises(MediaRejected) as caught:
         sniff_container(upload)
     assert caught.value.reason == "unsupported-media-type"
+
+
+# --- leading metadata -------------------------------------------------------------------------
+
+# A photographic 200 x 200 cover: about 120 kB of PNG, more than libmagic is shown at once.
+BIG_COVER = png_image(200, noise_seed=11)
+
+
+def _libmagic_alone(upload: bytes) -> str | None:
+    """The demuxer libmagic would name from the upload's first bytes, without skipping tags."""
+    return DEMUXER_BY_MIME.get(magic.from_buffer(upload[:SNIFF_BYTES], mime=True))
+
+
+def _box_order(mp4: bytes) -> list[bytes]:
+    order, position = [], 0
+    while position < len(mp4):
+        order.append(mp4[position + 4 : position + 8])
+        position += int.from_bytes(mp4[position : position + 4], "big")
+    return order
+
+
+def _flac_block_types(flac: bytes) -> list[int]:
+    types, position = [], 4
+    while True:
+        header = flac[position]
+        types.append(header & 0x7F)
+        position += 4 + int.from_bytes(flac[position + 1 : position + 4], "big")
+        if header & 0x80:
+            return types
+
+
+def test_big_cover_is_bigger_than_what_libmagic_sees():
+    assert len(BIG_COVER) > 1.5 * SNIFF_BYTES
+
+
+@pytest.mark.parametrize("container", ["mp3", "flac", "mp4"])
+def test_big_cover_art_written_by_the_muxer_is_accepted(container: str):
+    upload = encode(tone(2.0, 16_000), 16_000, container, cover_art=BIG_COVER)
+    assert sniff_container(upload) == EXPECTED_DEMUXER[container]
+    decoded = _sniff_and_decode(upload)
+    assert abs(decoded.duration_seconds - 2.0) <= DURATION_TOLERANCE_SECONDS + 0.1  # MP3 delay
+    assert abs(_dominant_frequency(decoded.samples) - TONE_HZ) < 2.0
+
+
+def test_mp3_cover_art_hides_the_audio_from_libmagic_alone():
+    # Why ID3v2 tags are skipped: FFmpeg's own MP3 muxer puts the APIC frame first.
+    upload = encode(tone(2.0, 16_000), 16_000, "mp3", cover_art=BIG_COVER)
+    assert upload.startswith(b"ID3")
+    assert _libmagic_alone(upload) is None
+
+
+def test_flac_picture_block_needs_no_skipping():
+    upload = encode(tone(2.0, 16_000), 16_000, "flac", cover_art=BIG_COVER)
+    assert 6 in _flac_block_types(upload)  # a PICTURE metadata block before the audio frames
+    assert _libmagic_alone(upload) == "flac"  # named from "fLaC" alone
+
+
+def test_mp4_with_moov_after_mdat_and_big_free_box_needs_no_skipping():
+    mp4 = encode(tone(2.0, 16_000), 16_000, "mp4", cover_art=BIG_COVER)
+    order = _box_order(mp4)
+    assert order.index(b"mdat") < order.index(b"moov")  # index and cover after the audio
+    # Free space between the audio and the index, as editors leave it; chunk offsets stay valid.
+    moov_at = mp4.index(b"moov") - 4
+    free = (8 + 100_000).to_bytes(4, "big") + b"free" + bytes(100_000)
+    upload = mp4[:moov_at] + free + mp4[moov_at:]
+    assert _libmagic_alone(upload) == "mov"  # named from the leading ftyp box
+    decoded = _sniff_and_decode(upload)
+    assert abs(decoded.duration_seconds - 2.0) <= DURATION_TOLERANCE_SECONDS
+
+
+def test_wav_with_big_bext_and_list_chunks_before_fmt_needs_no_skipping():
+    wav = encode(tone(2.0, 16_000), 16_000, "wav")
+    bext = b"Speech recorder".ljust(256, b"\x00") + bytes(90_000)  # description ... coding history
+    info = b"INFO" + b"ICMT" + (70_001).to_bytes(4, "little") + b"c" * 70_001 + b"\x00"
+    upload = wav_with_chunks_before_fmt(wav, [(b"bext", bext), (b"LIST", info)])
+    assert upload.index(b"fmt ") > SNIFF_BYTES
+    assert _libmagic_alone(upload) == "wav"  # named from "RIFF....WAVE" alone
+    decoded = _sniff_and_decode(upload)
+    assert decoded.duration_seconds == pytest.approx(2.0, abs=1e-3)
+
+
+def test_repeated_id3v2_tags_are_all_skipped():
+    mp3 = encode(tone(2.0, 16_000), 16_000, "mp3")  # already starts with a small ID3v2.4 tag
+    upload = with_cover_art(with_cover_art(mp3, BIG_COVER), BIG_COVER)
+    assert _libmagic_alone(upload) is None
+    assert _sniff_and_decode(upload).duration_seconds == pytest.approx(2.0, abs=0.15)
+
+
+def test_id3v2_4_footer_is_skipped_too():
+    bare = encode(tone(2.0, 16_000), 16_000, "mp3-bare")
+    upload = id3v2_tag(text_frame(b"TIT2", "Episode 1"), major_version=4, footer=True) + bare
+    assert _libmagic_alone(upload) is None  # the "3DI" footer hides the audio from libmagic
+    assert sniff_container(upload) == "mp3"
+    assert _sniff_and_decode(upload).duration_seconds == pytest.approx(2.0, abs=0.15)
+
+
+def test_id3v2_tag_in_front_of_flac_is_skipped():
+    upload = with_cover_art(encode(tone(2.0, 16_000), 16_000, "flac"), BIG_COVER)
+    assert sniff_container(upload) == "flac"
+    assert _sniff_and_decode(upload).duration_seconds == pytest.approx(2.0, abs=1e-3)
+
+
+def _tag_claiming(size_bytes: bytes) -> bytes:
+    return b"ID3\x03\x00\x00" + size_bytes
+
+
+_BARE_MP3 = encode(tone(1.0, 16_000), 16_000, "mp3-bare")
+
+
+@pytest.mark.parametrize(
+    "upload, detail",
+    [
+        pytest.param(_tag_claiming(b"\x7f\x7f\x7f\x7f") + _BARE_MP3, "more bytes", id="size-past-end"),
+        pytest.param(b"ID3\x03\x00", "more bytes", id="header-cut"),
+        pytest.param(_tag_claiming(b"\x00\x00\x80\x00") + _BARE_MP3, "malformed", id="not-syncsafe"),
+        pytest.param(b"ID3\x09\x00\x00\x00\x00\x00\x00" + _BARE_MP3, "malformed", id="unknown-version"),
+        pytest.param(id3v2_tag(b"") * (MAX_LEADING_TAGS + 1) + _BARE_MP3, "more than", id="too-many-tags"),
+        pytest.param(with_cover_art(b"", BIG_COVER), "not a supported", id="tag-then-nothing"),
+        pytest.param(with_cover_art(b"just some text\n" * 100), "not a supported", id="tag-then-text"),
+        pytest.param(
+            with_cover_art(encode(tone(1.0, 16_000), 16_000, "wav")), "not a supported", id="tag-then-wav"
+        ),
+    ],
+)
+def test_leading_id3v2_tags_are_skipped_strictly(upload: bytes, detail: str):
+    with pytest.raises(MediaRejected) as caught:
+        sniff_container(upload)
+    assert caught.value.reason == "unsupported-media-type"
+    assert detail in caught.value.detail
 
 
 # --- decoding each container ------------------------------------------------------------------

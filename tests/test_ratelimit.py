@@ -207,6 +207,33 @@ async def test_audio_seconds_charge_decoded_duration_and_refuse_overdraw(redis_c
 
 
 @pytest.mark.asyncio
+async def test_refund_gives_back_what_was_charged_never_beyond_capacity(redis_client):
+    limiter = RateLimiter(TokenBucketLimiter(redis_client), RateLimitOptions())
+    plan = Plan(audio_seconds_burst=10, audio_seconds_per_hour=ALMOST_NO_REFILL * 3600)
+    caller = principal()
+    assert (await limiter.take_audio_seconds(caller, plan, 4.0)).remaining == pytest.approx(6.0, abs=1e-3)
+    assert (await limiter.take_audio_seconds(caller, plan, 3.0)).remaining == pytest.approx(3.0, abs=1e-3)
+    refunded = await limiter.refund_audio_seconds(caller, plan, 3.0)
+    assert refunded.allowed and refunded.remaining == pytest.approx(6.0, abs=1e-3)
+    # A refund larger than what is missing (a refund replayed, or a bucket refilled meanwhile) stops
+    # at the capacity: refunds never mint extra seconds.
+    assert (await limiter.refund_audio_seconds(caller, plan, 100.0)).remaining == pytest.approx(10.0, abs=1e-3)
+    assert not (await limiter.take_audio_seconds(caller, plan, 10.5)).allowed
+    with pytest.raises(ValueError):
+        await limiter.refund_audio_seconds(caller, plan, -1.0)
+
+
+@pytest.mark.asyncio
+async def test_refund_on_a_full_bucket_leaves_it_full(redis_client):
+    limiter = RateLimiter(TokenBucketLimiter(redis_client), RateLimitOptions())
+    plan = Plan(audio_seconds_burst=10, audio_seconds_per_hour=ALMOST_NO_REFILL * 3600)
+    caller = principal()
+    assert (await limiter.refund_audio_seconds(caller, plan, 5.0)).remaining == pytest.approx(10.0, abs=1e-3)
+    assert (await limiter.take_audio_seconds(caller, plan, 10.0)).allowed
+    assert not (await limiter.has_audio_seconds(caller, plan, 0.5)).allowed
+
+
+@pytest.mark.asyncio
 async def test_load_factor_shrinks_capacity(redis_client):
     limiter = RateLimiter(TokenBucketLimiter(redis_client), RateLimitOptions())
     plan = Plan(requests_burst=10, requests_per_minute=0.001)

@@ -12,6 +12,8 @@ from __future__ import annotations
 import concurrent.futures
 import functools
 import ipaddress
+import os
+import signal
 import threading
 import time
 import uuid
@@ -21,9 +23,11 @@ from typing import Callable, Iterator
 import http_sfv
 import httpx
 import pytest
+import redis
 from ray import serve
 
-from serve_app.security.api_keys import format_api_key
+from serve_app.security.api_keys import format_api_key, parse_api_key
+from serve_app.security.ratelimit import AUDIO_SECONDS_POLICY, KEY_PREFIX
 from serve_app.settings import AbuseOptions
 from tests.conftest import TEST_ABUSE, TEST_PLANS, create_api_key
 from tests.support.audio import silence_flac
@@ -112,6 +116,67 @@ def test_answers_carry_rate_limit_headers_as_structured_fields(serve_url, redis_
     assert remaining["requests"]["r"] == plan["requests_burst"] - 1
     assert remaining["audio-seconds"]["r"] == int(plan["audio_seconds_burst"] - utterance["duration"])
     assert policy["requests"]["pk"] == policy["audio-seconds"]["pk"]  # one principal, one partition
+
+
+def test_requests_refused_after_the_scan_charge_no_audio_seconds(serve_url, redis_server, eval_utterances):
+    bucket = TEST_PLANS["ten-audio-seconds"]["audio_seconds_burst"]
+    utterance = next(clip for clip in eval_utterances if clip["duration"] < 3.0)
+    with session(serve_url, _new_key(redis_server, "ten-audio-seconds")) as caller:
+        implausible = post_align(caller, eval_clip(utterance), "word " * 500)
+        assert_problem(implausible, 422, "invalid-transcript")
+        assert "audio-seconds" not in _policies(implausible.headers["ratelimit"])
+        # Longer than the plan admits: refused as too long, not as over quota (it never fits).
+        too_long = post_align(caller, tone_wav(12.0), "hello")
+        assert "plan admits at most 10 s" in assert_problem(too_long, 422, "audio-too-long")["detail"]
+        served = post_align(caller, eval_clip(utterance), utterance["transcript"])
+    assert served.status_code == 200, served.text
+    assert _policies(served.headers["ratelimit"])["audio-seconds"]["r"] == int(bucket - utterance["duration"])
+
+
+def _audio_bucket_tokens(redis_server, key: str) -> float | None:
+    """The tokens stored for this key's audio-seconds bucket; None when absent (a full bucket)."""
+    key_id = parse_api_key(key).key_id
+    with redis.Redis.from_url(redis_server.url) as store:
+        tokens = store.hget(f"{KEY_PREFIX}:{AUDIO_SECONDS_POLICY}:api_key:{key_id}", "tokens")
+    return None if tokens is None else float(tokens)
+
+
+def test_alignment_failing_on_our_side_refunds_its_audio_seconds(serve_url, redis_server):
+    bucket = TEST_PLANS["hour-of-audio"]["audio_seconds_burst"]
+    key = _new_key(redis_server, "hour-of-audio")
+    aligner = serve.get_deployment_handle("Aligner", app_name="aligner")
+    pid = aligner.pid.remote().result()
+    audio = tone_wav(60.0)  # PocketSphinx takes seconds over it: the replica dies mid-alignment
+    with session(serve_url, key) as caller, concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        in_flight = pool.submit(post_align, caller, audio, "hello world")
+        deadline = time.monotonic() + 60
+        while _audio_bucket_tokens(redis_server, key) is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        charged = _audio_bucket_tokens(redis_server, key)
+        assert charged is not None and charged <= bucket - 60.0 + 0.01
+        time.sleep(1.0)
+        os.kill(pid, signal.SIGKILL)
+        response = in_flight.result()
+    assert_problem(response, 503, "service-unavailable")
+    # Full again, at the capacity in force: the shedder shrinks capacities while the aligner is
+    # missing, and a refund never lifts a bucket above the capacity in force.
+    limit = _policies(response.headers["ratelimit-policy"])["audio-seconds"]["q"]
+    assert _policies(response.headers["ratelimit"])["audio-seconds"]["r"] == limit, response.headers
+    refunded = _audio_bucket_tokens(redis_server, key)
+    assert refunded is None or refunded == pytest.approx(limit, abs=1), (charged, refunded, limit)
+
+    # Leave the session's graph serving: Serve replaces the killed replica.
+    deadline = time.monotonic() + 90
+    while _aligner_pid_or_none(aligner) in (None, pid) and time.monotonic() < deadline:
+        time.sleep(1)
+    assert _aligner_pid_or_none(aligner) not in (None, pid)
+
+
+def _aligner_pid_or_none(aligner) -> int | None:
+    try:
+        return aligner.pid.remote().result(timeout_s=5)
+    except Exception:  # the replica is being replaced: any handle error means "not yet"
+        return None
 
 
 def test_audio_seconds_budget_refuses_before_the_aligner(serve_url, redis_server, eval_utterances):

@@ -2,7 +2,9 @@
 
     admit()          client IP (trusted proxies only), ban check, pre-authentication IP bucket
     authenticate()   credential -> Principal, scope, principal ban, load shedding, request bucket
-    charge_audio()   decoded audio seconds against the principal's audio bucket
+    charge_audio()   decoded audio seconds against the principal's audio bucket, once the request
+                     is known to be servable; refund_audio() gives them back when the work then
+                     fails on our side
     upload_refused() audit a refused upload; count it toward bans only if hostile (abuse.refusal_event)
 
 Each step turns its decision into a problem (4xx/503), a metric and an audit line; the modules it
@@ -36,7 +38,7 @@ from serve_app.security.principal import Principal
 from serve_app.security.ratelimit import Decision, RateLimiter, TokenBucketLimiter, principal_key
 from serve_app.security.redis_store import request_path_client
 from serve_app.security.shedding import LoadShedder
-from serve_app.settings import Environment, IngressOptions
+from serve_app.settings import Environment, IngressOptions, Plan
 
 logger = logging.getLogger("ray.serve")
 
@@ -118,7 +120,7 @@ class Gate:
         )
         await self._refuse_if_banned(caller)
 
-        plan = self.options.plans.get(principal.plan, self.options.plans["standard"])
+        plan = self._plan(principal)
         if self.shedder.should_shed(plan.priority):
             metrics.SHED.inc(tags={"plan": principal.plan})
             self.audit.record(caller.audit, "shed", "denied", "load", load_level=round(self.shedder.level, 3))
@@ -155,12 +157,37 @@ class Gate:
 
     async def charge_audio(self, caller: Caller, decoded_seconds: float) -> None:
         assert caller.principal is not None
-        plan = self.options.plans.get(caller.principal.plan, self.options.plans["standard"])
+        plan = self._plan(caller.principal)
         with metrics.timed("limit"):
             decision = await self.limiter.take_audio_seconds(
                 caller.principal, plan, decoded_seconds, load_factor=self.shedder.load_factor
             )
         await self._enforce(caller, decision, decoded_seconds=round(decoded_seconds, 3))
+
+    async def refund_audio(self, caller: Caller, charged_seconds: float) -> None:
+        """Give back seconds charged for an alignment that failed on our side (a 5xx answer).
+
+        Best effort: with Redis down the refund is lost, counted and audited, and the answer the
+        caller gets is unchanged.
+        """
+        assert caller.principal is not None
+        plan = self._plan(caller.principal)
+        decision = await self.limiter.refund_audio_seconds(
+            caller.principal, plan, charged_seconds, load_factor=self.shedder.load_factor
+        )
+        result = "refund_failed" if decision.store_error else "refunded"
+        metrics.RATELIMIT_DECISIONS.inc(tags={"policy": decision.policy, "result": result})
+        self.audit.record(caller.audit, "limit", result, decision.policy, decoded_seconds=round(charged_seconds, 3))
+        if not decision.store_error:
+            caller.decisions[decision.policy] = decision
+
+    def longest_audio_seconds(self, caller: Caller) -> float:
+        """The longest decoded audio this caller's plan admits (IngressOptions validates it fits the bucket)."""
+        assert caller.principal is not None
+        return self.options.longest_audio_seconds(self._plan(caller.principal))
+
+    def _plan(self, principal: Principal) -> Plan:
+        return self.options.plans.get(principal.plan, self.options.plans["standard"])
 
     async def upload_refused(self, caller: Caller, slug: str, signature: str | None = None) -> None:
         self.audit.record(caller.audit, "scan", "denied", slug, signature=signature)

@@ -1,9 +1,20 @@
-"""Decide which FFmpeg demuxer may open an upload, from its leading bytes only.
+"""Decide which FFmpeg demuxer may open an upload, from the first bytes of its audio.
 
 libmagic looks at the content; the client's filename and Content-Type are never consulted. Anything
 outside the allow-list raises MediaRejected("unsupported-media-type"). Magic is only a cheap first
 gate (random bytes starting FF FB look like MP3, a WAV with a ZIP appended is still "audio/x-wav"):
 the decoder must still confirm there is exactly one audio stream and nothing playable besides.
+
+Leading metadata: ID3v2 tags (cover art makes them hundreds of kB, as podcast and audiobook tools
+write them) stand before the audio, where libmagic would see only the tag. They are skipped by
+their declared size, tag after tag, and the audio behind them is sniffed. The skipping is strict:
+a tag whose size is malformed or runs past the upload, more than MAX_LEADING_TAGS tags, or a tag
+followed by anything but MPEG audio or FLAC is refused, and skipping never reads past the upload
+itself (which the ingress has already capped). The other containers need no skipping, because
+libmagic names them from their first bytes whatever metadata follows: RIFF/WAVE from "RIFF....WAVE"
+(LIST or bext chunks before `fmt ` do not matter), FLAC from "fLaC" (PICTURE blocks follow it) and
+MP4/M4A from the leading `ftyp` box (`moov` after `mdat`, big `free` or cover art in `udta` do
+not matter); tests/test_media.py checks each of these shapes.
 """
 
 from __future__ import annotations
@@ -35,19 +46,60 @@ DEMUXER_BY_MIME: dict[str, str] = {
 
 ALLOWED_DEMUXERS: frozenset[str] = frozenset(DEMUXER_BY_MIME.values())
 
+# ID3v2 is MPEG audio's tag; some taggers also put it in front of FLAC. FFmpeg skips leading ID3v2
+# tags itself when it opens a stream, whichever demuxer is forced.
+DEMUXERS_AFTER_ID3V2: frozenset[str] = frozenset({"mp3", "flac"})
+MAX_LEADING_TAGS = 8  # real files carry one, sometimes two (an old tag left behind)
 
-def sniff_container(head: bytes) -> str:
-    """Return the FFmpeg demuxer name for an upload, judged from its first SNIFF_BYTES bytes.
+_ID3V2_MAGIC = b"ID3"
+_ID3V2_HEADER_BYTES = 10  # and as many again for a v2.4 footer
+_ID3V2_FOOTER_FLAG = 0x10
+_ID3V2_VERSIONS = frozenset({2, 3, 4})
+
+
+def sniff_container(upload: bytes) -> str:
+    """Return the FFmpeg demuxer name for an upload, judged from the first bytes of its audio.
 
     Raises MediaRejected("unsupported-media-type") for anything not on the allow-list, including
-    empty input.
+    empty input and malformed or overlong leading ID3v2 tags.
     """
-    mime = magic.from_buffer(head[:SNIFF_BYTES], mime=True)
+    audio_start = _end_of_leading_id3v2_tags(upload)
+    mime = magic.from_buffer(upload[audio_start : audio_start + SNIFF_BYTES], mime=True)
     demuxer = DEMUXER_BY_MIME.get(mime)
-    if demuxer is None:
+    if demuxer is None or (audio_start and demuxer not in DEMUXERS_AFTER_ID3V2):
         raise MediaRejected(
             "unsupported-media-type",
             "the upload is not a supported audio format"
             " (WAV, FLAC, MP3, Ogg, M4A/MP4, WebM/Matroska or AIFF)",
         )
     return demuxer
+
+
+def _end_of_leading_id3v2_tags(upload: bytes) -> int:
+    """The offset just past the ID3v2 tags the upload starts with (0 when there is none)."""
+    position = 0
+    for _ in range(MAX_LEADING_TAGS):
+        if not upload.startswith(_ID3V2_MAGIC, position):
+            return position
+        position += _id3v2_tag_length(upload[position : position + _ID3V2_HEADER_BYTES])
+        if position > len(upload):
+            raise _bad_tag("an ID3v2 tag declares more bytes than the upload holds")
+    if upload.startswith(_ID3V2_MAGIC, position):
+        raise _bad_tag(f"the upload starts with more than {MAX_LEADING_TAGS} ID3v2 tags")
+    return position
+
+
+def _id3v2_tag_length(header: bytes) -> int:
+    """Header, body and footer bytes of the tag whose 10-byte header this is (ID3v2.4 section 3.1)."""
+    if len(header) < _ID3V2_HEADER_BYTES:
+        raise _bad_tag("an ID3v2 tag declares more bytes than the upload holds")
+    major, revision, flags, size = header[3], header[4], header[5], header[6:10]
+    if major not in _ID3V2_VERSIONS or revision == 0xFF or any(byte & 0x80 for byte in size):
+        raise _bad_tag("the upload starts with a malformed ID3v2 tag header")
+    body = (size[0] << 21) | (size[1] << 14) | (size[2] << 7) | size[3]  # syncsafe: 7 bits a byte
+    footer = _ID3V2_HEADER_BYTES if major == 4 and flags & _ID3V2_FOOTER_FLAG else 0
+    return _ID3V2_HEADER_BYTES + body + footer
+
+
+def _bad_tag(detail: str) -> MediaRejected:
+    return MediaRejected("unsupported-media-type", detail)

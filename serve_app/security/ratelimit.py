@@ -9,7 +9,8 @@
     "audio-seconds"  per principal, from its Plan, charged the *decoded* duration once the scanner
                      has decoded the upload and before the aligner runs (an upload's headers can
                      lie about its duration; the decoder cannot). Overdrawing is refused and
-                     charges nothing.
+                     charges nothing; seconds charged for work that was then not done (the
+                     aligner failed on our side) are refunded, never beyond the capacity.
   Under load the shedder's `load_factor` in (0, 1] scales a bucket's capacity *and* refill, so
   burst and sustained rate shrink together and the advertised window stays the same.
   It also owns the replica's local concurrency cap (`local_slot()`), which never touches Redis.
@@ -80,11 +81,12 @@ class TokenBucketLimiter:
     ) -> Decision:
         """Take `cost` tokens from `policy`'s bucket for `key`, or none if they are not all there.
 
+        A negative `cost` gives tokens back (a refund), never beyond `capacity`; it is always allowed.
         `charge=False` only asks whether `cost` would be admitted now, and writes nothing.
         Raises a redis error when the store fails; policy on failure belongs to the caller.
         """
-        if capacity <= 0 or refill_per_s <= 0 or cost < 0:
-            raise ValueError("capacity and refill must be positive, cost non-negative")
+        if capacity <= 0 or refill_per_s <= 0:
+            raise ValueError("capacity and refill must be positive")
         allowed, remaining, retry_after_s, reset_s = await self._script(
             keys=[f"{KEY_PREFIX}:{policy}:{key}"], args=[capacity, refill_per_s, cost, int(charge)]
         )
@@ -154,6 +156,16 @@ class RateLimiter:
     ) -> Decision:
         """Charge the decoded duration; refused (and nothing charged) if it would overdraw."""
         return await self._take(AUDIO_SECONDS_POLICY, principal_key(principal), *_audio_bucket(plan), decoded_seconds, load_factor)
+
+    async def refund_audio_seconds(
+        self, principal: Principal, plan: Plan, charged_seconds: float, *, load_factor: float = 1.0
+    ) -> Decision:
+        """Give back seconds charged for work that was not done; the bucket never passes its capacity."""
+        if charged_seconds < 0:
+            raise ValueError("charged_seconds must be non-negative")
+        return await self._take(
+            AUDIO_SECONDS_POLICY, principal_key(principal), *_audio_bucket(plan), -charged_seconds, load_factor
+        )
 
     async def has_audio_seconds(
         self, principal: Principal, plan: Plan, seconds: float = 1.0, *, load_factor: float = 1.0

@@ -3,7 +3,8 @@
 -- KEYS[1]  the bucket: a hash {tokens, updated_us}; absent means full
 -- ARGV[1]  capacity (tokens; may be fractional)
 -- ARGV[2]  refill rate (tokens per second)
--- ARGV[3]  cost (tokens to take; fractional, e.g. audio seconds)
+-- ARGV[3]  cost (tokens to take; fractional, e.g. audio seconds); negative gives tokens back (a
+--          refund of work not done), never beyond the capacity
 -- ARGV[4]  "1" to charge; "0" to only ask whether `cost` would be admitted (nothing is written)
 --
 -- Returns {allowed (1/0), remaining, retry_after_s, reset_s}; numbers as strings because Redis
@@ -36,8 +37,8 @@ tokens = math.min(capacity, tokens + elapsed_s * refill_per_s)
 local allowed = cost <= tokens
 local retry_after_s = 0
 if allowed then
-  if charge and cost > 0 then
-    tokens = tokens - cost
+  if charge and cost ~= 0 then
+    tokens = math.min(capacity, tokens - cost)
     local reset_ms = math.ceil((capacity - tokens) / refill_per_s * 1000)
     -- %.0f: tostring() keeps only 14 significant digits, and a time in microseconds has 16.
     redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'updated_us', string.format('%.0f', now_us))

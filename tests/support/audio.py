@@ -72,10 +72,13 @@ def encode(
     *,
     audio_streams: int = 1,
     video_codec: str | None = None,
+    cover_art: bytes | None = None,
 ) -> bytes:
     """Encode planar float32 samples into one of CONTAINERS, optionally with a video stream.
 
-    With `audio_streams` > 1 every audio stream carries the same samples. When the encoder cannot
+    With `audio_streams` > 1 every audio stream carries the same samples. `cover_art` (a PNG) is
+    written by the muxer itself as an attached picture, where real taggers put it: an ID3v2 APIC
+    frame in MP3, a PICTURE metadata block in FLAC, a `covr` box inside `moov` in MP4. When the encoder cannot
     take `rate` (Opus: 8/12/16/24/48 kHz) or the channel count (Vorbis: stereo only), PyAV
     converts to what it supports, so the decoded source may differ.
     """
@@ -94,6 +97,8 @@ def encode(
             for _ in range(audio_streams)
         ]
         video = _add_video_stream(output, video_codec) if video_codec else None
+        if cover_art is not None:
+            _mux_cover_art(output, cover_art)
 
         # Interleaved, one plane: PyAV 18 walks past the plane array of planar frames with more
         # than 8 channels.
@@ -110,22 +115,60 @@ def encode(
     return buffer.getvalue()
 
 
-def png_image(size: int) -> bytes:
-    """A black square PNG, for cover art and for "not audio" uploads."""
+def png_image(size: int, *, noise_seed: int | None = None) -> bytes:
+    """A square PNG, for cover art and for "not audio" uploads.
+
+    Black by default; with `noise_seed` its pixels are random, so it does not compress and weighs
+    a little over size * size * 3 bytes, as a photographic cover does.
+    """
     context = av.CodecContext.create("png", "w")
     context.width = context.height = size
     context.pix_fmt = "rgb24"
     context.time_base = Fraction(1, 1)
-    frame = av.VideoFrame.from_ndarray(np.zeros((size, size, 3), dtype=np.uint8), format="rgb24")
+    shape = (size, size, 3)
+    pixels = (
+        np.zeros(shape, dtype=np.uint8)
+        if noise_seed is None
+        else np.random.default_rng(noise_seed).integers(0, 256, shape, dtype=np.uint8)
+    )
+    frame = av.VideoFrame.from_ndarray(pixels, format="rgb24")
     return b"".join(bytes(packet) for packet in context.encode(frame) + context.encode(None))
 
 
-def with_cover_art(mp3: bytes) -> bytes:
-    """Prefix an MP3 with an ID3v2.3 tag holding a small PNG (APIC frame), as taggers do."""
-    picture = png_image(8)
+def id3v2_tag(frames: bytes, *, major_version: int = 3, footer: bool = False) -> bytes:
+    """An ID3v2 tag around already-built frames; a v2.4 tag may end with a footer ("3DI")."""
+    flags = b"\x10" if footer else b"\x00"
+    size = _syncsafe(len(frames))
+    tag = b"ID3" + bytes([major_version, 0]) + flags + size + frames
+    return tag + (b"3DI" + bytes([major_version, 0]) + flags + size if footer else b"")
+
+
+def text_frame(frame_id: bytes, text: str) -> bytes:
+    """An ID3v2.3 text frame (TIT2 title, TPE1 artist ...), latin-1 encoded."""
+    body = b"\x00" + text.encode("latin-1")
+    return frame_id + len(body).to_bytes(4, "big") + b"\x00\x00" + body
+
+
+def wav_with_chunks_before_fmt(wav: bytes, chunks: list[tuple[bytes, bytes]]) -> bytes:
+    """A WAV with extra chunks (id, body) between "WAVE" and `fmt `, as Broadcast WAV tools write
+    bext and LIST/INFO; RIFF's size is updated and odd-sized bodies padded, as RIFF requires."""
+    assert wav[:4] == b"RIFF" and wav[8:12] == b"WAVE"
+    extra = b"".join(
+        chunk_id + len(body).to_bytes(4, "little") + body + b"\x00" * (len(body) % 2)
+        for chunk_id, body in chunks
+    )
+    rest = wav[12:]
+    return b"RIFF" + (4 + len(extra) + len(rest)).to_bytes(4, "little") + b"WAVE" + extra + rest
+
+
+def with_cover_art(mp3: bytes, picture: bytes | None = None) -> bytes:
+    """Prefix an MP3 with an ID3v2.3 tag holding a PNG (APIC frame, front cover), as taggers do.
+
+    PyAV's MP3s already start with their own small ID3v2.4 tag, so the result has two tags.
+    """
+    picture = png_image(8) if picture is None else picture
     apic_body = b"\x00" + b"image/png\x00" + b"\x03" + b"\x00" + picture  # latin-1, front cover
-    apic_frame = b"APIC" + len(apic_body).to_bytes(4, "big") + b"\x00\x00" + apic_body
-    return b"ID3\x03\x00\x00" + _syncsafe(len(apic_frame)) + apic_frame + mp3
+    return id3v2_tag(b"APIC" + len(apic_body).to_bytes(4, "big") + b"\x00\x00" + apic_body) + mp3
 
 
 def silence_flac(
@@ -178,6 +221,18 @@ def _add_video_stream(output: av.container.OutputContainer, codec: str) -> av.Vi
     video.width = video.height = _VIDEO_SIZE
     video.pix_fmt = "yuv420p"
     return video
+
+
+def _mux_cover_art(output: av.container.OutputContainer, picture: bytes) -> None:
+    """Mux a PNG as an attached-picture stream; muxers hold the audio back until it arrives."""
+    stream = output.add_stream("png")
+    stream.width = stream.height = 1  # not read: the muxer stores the picture's bytes as they are
+    stream.pix_fmt = "rgb24"
+    stream.disposition = av.stream.Disposition.attached_pic
+    packet = av.Packet(picture)
+    packet.stream = stream
+    packet.pts = packet.dts = 0
+    output.mux(packet)
 
 
 def _write_video_frames(

@@ -32,7 +32,7 @@ import numpy as np
 from serve_app.media import DecodeLimits
 from serve_app.media.clamav import ClamdScanner
 from serve_app.media.inspect import Rejection, ScanUnavailable, inspect_upload
-from tests.support.audio import encode, silence_flac, tone
+from tests.support.audio import encode, png_image, silence_flac, tone, with_cover_art
 from tools.local_services import MARKER, eicar
 
 MALWARE_DETECTED = "malware-detected"
@@ -114,6 +114,11 @@ def _wav_claiming_4_gib() -> bytes:
     return wav_header(1, _RATE, data_bytes=claimed, riff_bytes=claimed) + silent_pcm(1.0)
 
 
+def _mp3_with_big_cover() -> bytes:
+    # FFmpeg's muxer writes the 120 kB APIC frame first, hiding the audio from a 64 KiB sniff.
+    return encode(tone(1.0, _RATE), _RATE, "mp3", cover_art=png_image(200, noise_seed=_SEED))
+
+
 def _cases() -> list[HostileCase]:
     def refused(
         name: str, build: Callable[[], bytes], slug: str, status: int = 422, filename: str = "upload.wav"
@@ -178,6 +183,22 @@ def _cases() -> list[HostileCase]:
             lambda: encode(tone(1.0, _RATE), _RATE, "mkv", audio_streams=2),
             "not-single-audio-stream",
             filename="upload.mka",
+        ),
+        # Leading metadata: skipped by its declared size, and only when it is well formed.
+        accepted("MP3 with 120 kB of cover art", _mp3_with_big_cover),
+        refused(
+            "ID3v2 tag declaring more bytes than the upload",
+            lambda: b"ID3\x03\x00\x00\x7f\x7f\x7f\x7f" + _mp3_with_big_cover(),
+            "unsupported-media-type",
+            415,
+            filename="upload.mp3",
+        ),
+        refused(
+            "ID3v2 tag in front of text",
+            lambda: with_cover_art(b"This is not audio.\n" * 40),
+            "unsupported-media-type",
+            415,
+            filename="upload.mp3",
         ),
         # Polyglots and malware.
         accepted(

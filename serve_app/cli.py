@@ -8,8 +8,8 @@
     python -m serve_app.cli bans list
     python -m serve_app.cli bans lift SUBJECT          (as listed, e.g. ip:203.0.113.7)
 
-Redis and the pepper come from the environment (ALIGNER_REDIS_URL, ALIGNER_API_KEY_PEPPER or
-ALIGNER_API_KEY_PEPPER_FILE), read by `Environment.from_env()`. A new key is printed once, at
+Redis and the pepper come from the environment (ALIGNER_REDIS_URL, or ALIGNER_REDIS_SENTINELS for
+Redis Sentinel; ALIGNER_API_KEY_PEPPER or ALIGNER_API_KEY_PEPPER_FILE), read by `Environment.from_env()`. A new key is printed once, at
 creation or rotation, and can never be shown again; nothing else ever prints a secret or a digest.
 A revocation reaches every replica within IngressOptions.api_key_cache_s.
 
@@ -24,12 +24,12 @@ import sys
 import time
 from datetime import datetime, timezone
 
-from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from serve_app.security.abuse import AbuseMonitor
 from serve_app.security.api_keys import MIN_PEPPER_BYTES, ApiKeyStore, KeyRecord, UnknownKey
-from serve_app.settings import AbuseOptions, Environment
+from serve_app.security.redis_store import redis_client
+from serve_app.settings import AbuseOptions, Environment, RedisSentinel
 
 SECONDS_PER_DAY = 86400
 SECONDS_PER_HOUR = 3600
@@ -110,8 +110,11 @@ async def _run_bans(arguments: argparse.Namespace, monitor: AbuseMonitor) -> int
     return 1
 
 
-async def _main_async(arguments: argparse.Namespace, redis_url: str, pepper: bytes) -> int:
-    redis = Redis.from_url(redis_url, socket_connect_timeout=5, socket_timeout=5)
+OPERATOR_TIMEOUT_S = 5.0  # an operator waits longer than a request may
+
+
+async def _main_async(arguments: argparse.Namespace, redis_url: str, sentinel: RedisSentinel | None, pepper: bytes) -> int:
+    redis = redis_client(redis_url, sentinel, timeout_s=OPERATOR_TIMEOUT_S, max_connections=4)
     try:
         if arguments.group == "bans":
             return await _run_bans(arguments, AbuseMonitor(redis, AbuseOptions()))
@@ -167,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    return asyncio.run(_main_async(arguments, environment.redis_url.get_secret_value(), pepper))
+    return asyncio.run(_main_async(arguments, environment.redis_url.get_secret_value(), environment.redis_sentinel, pepper))
 
 
 if __name__ == "__main__":

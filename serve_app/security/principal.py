@@ -15,6 +15,9 @@ class Principal:
     id: str  # API key id, or the token's client_id (sub when absent); never a secret
     scopes: frozenset[str]
     plan: str  # name of the rate-limit plan (settings.Plan) that applies
+    # Seconds since the credential store last confirmed this credential, when it was accepted from
+    # a replica's stale copy because the store was unreachable (api_keys.ApiKeyVerifier); else None.
+    stale_s: float | None = None
 
     def has_scope(self, scope: str) -> bool:
         return scope in self.scopes

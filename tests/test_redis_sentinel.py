@@ -100,3 +100,12 @@ def test_sentinel_environment_is_parsed_or_refused():
     assert Environment.from_env({}).redis_sentinel is None
     with pytest.raises(ValueError, match="host:port"):
         Environment.from_env({"ALIGNER_REDIS_SENTINELS": "10.0.0.1"})
+
+
+def test_cli_refuses_a_malformed_sentinel_list_as_a_configuration_error(api_key_pepper):
+    environment = {key: value for key, value in os.environ.items() if not key.startswith("ALIGNER_")}
+    environment.update(ALIGNER_REDIS_SENTINELS="sentinel-without-port", ALIGNER_API_KEY_PEPPER=api_key_pepper.decode())
+    done = subprocess.run(
+        [sys.executable, "-m", "serve_app.cli", "keys", "list"], cwd=ROOT, env=environment, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 2 and "ALIGNER_REDIS_SENTINELS" in done.stderr and "Traceback" not in done.stderr

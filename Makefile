@@ -19,7 +19,7 @@ export RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH := serve_app.proxy_middleware:p
 
 # redis-server and clamd are real dependencies (tests and `make serve` run their own, on loopback);
 # prometheus brings promtool, which checks the alert rules in the tests.
-APT_PACKAGES := libmagic1 espeak-ng redis-server clamav-daemon prometheus
+APT_PACKAGES := libmagic1 espeak-ng redis-server redis-sentinel clamav-daemon prometheus
 SAMPLE := var/sample.wav
 SERVICES := var/services
 PEPPER := var/api-key-pepper

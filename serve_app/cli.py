@@ -8,10 +8,11 @@
     python -m serve_app.cli bans list
     python -m serve_app.cli bans lift SUBJECT          (as listed, e.g. ip:203.0.113.7)
 
-Redis and the pepper come from the environment (ALIGNER_REDIS_URL, ALIGNER_API_KEY_PEPPER or
-ALIGNER_API_KEY_PEPPER_FILE), read by `Environment.from_env()`. A new key is printed once, at
-creation or rotation, and can never be shown again; nothing else ever prints a secret or a digest.
-A revocation reaches every replica within IngressOptions.api_key_cache_s.
+Redis and the pepper come from the environment (ALIGNER_REDIS_URL, or ALIGNER_REDIS_SENTINELS for
+Redis Sentinel; ALIGNER_API_KEY_PEPPER or ALIGNER_API_KEY_PEPPER_FILE), read by
+`Environment.from_env()`. A new key is printed once, at creation or rotation, and can never be
+shown again; nothing else ever prints a secret or a digest. A revocation reaches every replica
+within IngressOptions.api_key_cache_s (once it can reach Redis: see serve_app.security.api_keys).
 
 Exit status: 0 done, 1 no such key / refused, 2 usage or configuration error, 3 Redis unreachable.
 """
@@ -24,12 +25,12 @@ import sys
 import time
 from datetime import datetime, timezone
 
-from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from serve_app.security.abuse import AbuseMonitor
 from serve_app.security.api_keys import MIN_PEPPER_BYTES, ApiKeyStore, KeyRecord, UnknownKey
-from serve_app.settings import AbuseOptions, Environment
+from serve_app.security.redis_store import redis_client
+from serve_app.settings import AbuseOptions, Environment, RedisSentinel
 
 SECONDS_PER_DAY = 86400
 SECONDS_PER_HOUR = 3600
@@ -110,8 +111,11 @@ async def _run_bans(arguments: argparse.Namespace, monitor: AbuseMonitor) -> int
     return 1
 
 
-async def _main_async(arguments: argparse.Namespace, redis_url: str, pepper: bytes) -> int:
-    redis = Redis.from_url(redis_url, socket_connect_timeout=5, socket_timeout=5)
+OPERATOR_TIMEOUT_S = 5.0  # an operator waits longer than a request may
+
+
+async def _main_async(arguments: argparse.Namespace, redis_url: str, sentinel: RedisSentinel | None, pepper: bytes) -> int:
+    redis = redis_client(redis_url, sentinel, timeout_s=OPERATOR_TIMEOUT_S, max_connections=4)
     try:
         if arguments.group == "bans":
             return await _run_bans(arguments, AbuseMonitor(redis, AbuseOptions()))
@@ -159,7 +163,11 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     arguments = _parser().parse_args(argv)
-    environment = Environment.from_env()
+    try:
+        environment = Environment.from_env()
+    except ValueError as error:  # names the variable and the bad value; secrets are never parsed here
+        print(f"configuration error: {error}", file=sys.stderr)
+        return 2
     pepper = environment.api_key_pepper.get_secret_value().encode() if environment.api_key_pepper else b""
     if arguments.group == "keys" and len(pepper) < MIN_PEPPER_BYTES:
         print(
@@ -167,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    return asyncio.run(_main_async(arguments, environment.redis_url.get_secret_value(), pepper))
+    return asyncio.run(_main_async(arguments, environment.redis_url.get_secret_value(), environment.redis_sentinel, pepper))
 
 
 if __name__ == "__main__":

@@ -37,6 +37,11 @@ STAGE_SECONDS = Histogram(
     tag_keys=_tags("stage"),
 )
 AUTH_FAILURES = Counter("aligner_auth_failures", "Rejected credentials.", tag_keys=_tags("method", "reason"))
+API_KEY_STALE_SERVES = Counter(
+    "aligner_api_key_stale_serves",
+    "API keys accepted from a replica's stale copy because Redis was unreachable (api_key_stale_s).",
+    tag_keys=_tags(),
+)
 RATELIMIT_DECISIONS = Counter(
     "aligner_ratelimit_decisions",
     "Rate-limit decisions (allowed, denied, error_allowed, error_denied; refunded, refund_failed).",
@@ -61,7 +66,7 @@ DEPENDENCY_ERRORS = Counter(
 )
 
 _ALL = (
-    REQUESTS, STAGE_SECONDS, AUTH_FAILURES, RATELIMIT_DECISIONS, SHED, BANS, SCANNER_VERDICTS,
+    REQUESTS, STAGE_SECONDS, AUTH_FAILURES, API_KEY_STALE_SERVES, RATELIMIT_DECISIONS, SHED, BANS, SCANNER_VERDICTS,
     DECODE_REJECTIONS, AUDIO_SECONDS, BATCH_SIZE, INFERENCE_SECONDS, DEPENDENCY_UP, DEPENDENCY_ERRORS,
 )  # fmt: skip
 

@@ -144,6 +144,13 @@ class IngressOptions(_Strict):
     align_timeout_s: float = Field(120.0, gt=0)
     retry_after_s: int = Field(5, ge=1, description="Retry-After sent with 503 answers.")
     api_key_cache_s: float = Field(5.0, ge=0, le=60, description="Bound on how long a revoked key keeps working.")
+    api_key_stale_s: float = Field(
+        600.0,
+        ge=0,
+        le=86400,
+        description="Redis unreachable: a key Redis confirmed within this long keeps working from the "
+        "replica's stale copy (0: fail closed at once). Keys never seen, or confirmed longer ago, get 503.",
+    )
     api_key_last_used_flush_s: float = Field(60.0, gt=0, description="Last-used times are written behind, this often (read at start).")
     trusted_proxies: list[str] = Field(default_factory=list, description="Peers whose X-Forwarded-For is believed.")
     plans: dict[str, Plan] = Field(default_factory=_default_plans)
@@ -215,10 +222,41 @@ class AlignerOptions(_Strict):
 
 
 
+class RedisSentinel(_Strict):
+    """Redis Sentinel: where the sentinels are and which monitored master to use.
+
+    With it, ALIGNER_REDIS_URL's host and port are ignored (the sentinels name the master); its
+    username, password and database number still apply to the master.
+    """
+
+    addresses: list[tuple[str, int]] = Field(min_length=1)
+    service_name: str = Field(min_length=1)
+    password: SecretStr | None = None  # the sentinels' own password (requirepass), if any
+
+
+def _sentinel_from_env(environ: Mapping[str, str]) -> RedisSentinel | None:
+    """`ALIGNER_REDIS_SENTINELS=host:port,host:port` (unset: plain Redis at ALIGNER_REDIS_URL)."""
+    listed = environ.get("ALIGNER_REDIS_SENTINELS", "").strip()
+    if not listed:
+        return None
+    addresses = []
+    for address in listed.split(","):
+        host, separator, port = address.strip().rpartition(":")
+        if not separator or not host or not port.isdigit():
+            raise ValueError(f"ALIGNER_REDIS_SENTINELS: {address.strip()!r} is not host:port")
+        addresses.append((host.strip("[]"), int(port)))
+    return RedisSentinel(
+        addresses=addresses,
+        service_name=environ.get("ALIGNER_REDIS_SENTINEL_SERVICE", "aligner"),
+        password=_secret(environ, "ALIGNER_REDIS_SENTINEL_PASSWORD"),
+    )
+
+
 class Environment(_Strict):
     """Dependencies' addresses and secrets, from the process environment (never from YAML)."""
 
     redis_url: SecretStr  # may embed a password
+    redis_sentinel: RedisSentinel | None
     clamd_address: str  # unix:///path/to/clamd.sock or tcp://host:port
     api_key_pepper: SecretStr | None
     introspection_client_secret: SecretStr | None
@@ -228,6 +266,7 @@ class Environment(_Strict):
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> "Environment":
         return cls(
             redis_url=environ.get("ALIGNER_REDIS_URL", "redis://127.0.0.1:6380/0"),
+            redis_sentinel=_sentinel_from_env(environ),
             clamd_address=environ.get("ALIGNER_CLAMD_ADDRESS", "unix:///run/clamav/clamd.ctl"),
             api_key_pepper=_secret(environ, "ALIGNER_API_KEY_PEPPER"),
             introspection_client_secret=_secret(environ, "ALIGNER_INTROSPECTION_CLIENT_SECRET"),

@@ -8,8 +8,10 @@ import hmac
 import uuid
 
 import pytest
+import pytest_asyncio
 from redis.asyncio import Redis
 
+from serve_app.security import api_keys
 from serve_app.security.api_keys import (
     API_KEY_PREFIX,
     ApiKeyStore,
@@ -19,6 +21,8 @@ from serve_app.security.api_keys import (
     parse_api_key,
 )
 from serve_app.security.authenticate import Authenticator, AuthFailure, www_authenticate
+from serve_app.security.redis_store import request_path_client
+from serve_app.settings import IngressOptions
 
 pytestmark = pytest.mark.asyncio
 
@@ -195,3 +199,111 @@ async def test_last_used_is_written_behind_not_per_request(redis_client, api_key
     last_used_at = (await store.get(record.key_id)).last_used_at
     assert last_used_at is not None and last_used_at >= record.created_at
     assert store.last_used_stats.flushes == 1
+
+
+# -- Redis outage: the stale copy (IngressOptions.api_key_stale_s) ----------------------------------
+
+
+@pytest_asyncio.fixture
+async def outage_store(private_redis_server, api_key_pepper):
+    """A store on a Redis of the test's own, which the test may stop and start."""
+    client = request_path_client(private_redis_server.url)
+    yield ApiKeyStore(client, api_key_pepper)
+    await client.aclose()
+
+
+CACHE_S = 0.2  # short, so a test passes the fresh bound in a moment and the stale copy is what answers
+
+
+async def test_recently_verified_key_keeps_working_from_its_stale_copy_while_redis_is_down(outage_store, private_redis_server):
+    recent, record = await outage_store.create(_owner(), ["align"], "standard")
+    never_seen, _ = await outage_store.create(_owner(), ["align"], "standard")
+    verifier = ApiKeyVerifier(outage_store, cache_s=CACHE_S, stale_s=60)
+    assert (await verifier.verify(recent)).stale_s is None  # fresh from Redis
+    await asyncio.sleep(CACHE_S * 1.5)
+    private_redis_server.stop()
+    try:
+        principal = await verifier.verify(recent)
+        assert (principal.id, principal.scopes, principal.plan) == (record.key_id, record.scopes, record.plan)
+        assert CACHE_S <= principal.stale_s < 60
+        assert verifier.stale_serves == 1 and verifier.store_health.failures == 1
+        # A stale copy still checks the secret: a wrong one is refused like any other time.
+        wrong = format_api_key(record.key_id, "0" * 32)
+        assert (await _rejection(verifier, wrong)).reason == "wrong-secret"
+        failure = await _rejection(verifier, never_seen)
+        assert (failure.status, failure.reason) == (503, "store-unavailable")
+    finally:
+        private_redis_server.start()
+    assert (await verifier.verify(recent)).stale_s is None  # Redis answers: fresh again
+    assert verifier.stale_serves == 1  # the wrong secret was not a serve
+
+
+async def test_a_key_confirmed_longer_ago_than_the_stale_bound_fails_closed(outage_store, private_redis_server):
+    text, _ = await outage_store.create(_owner(), ["align"], "standard")
+    verifier = ApiKeyVerifier(outage_store, cache_s=CACHE_S, stale_s=1.0)
+    await verifier.verify(text)
+    await asyncio.sleep(CACHE_S * 1.5)
+    private_redis_server.stop()
+    try:
+        assert (await verifier.verify(text)).stale_s is not None  # inside the bound
+        await asyncio.sleep(1.05)
+        failure = await _rejection(verifier, text)
+    finally:
+        private_redis_server.start()
+    assert (failure.status, failure.reason) == (503, "store-unavailable")
+
+
+async def test_a_revocation_the_replica_missed_applies_as_soon_as_redis_answers(outage_store, private_redis_server):
+    text, record = await outage_store.create(_owner(), ["align"], "standard")
+    verifier = ApiKeyVerifier(outage_store, cache_s=CACHE_S, stale_s=60)
+    await verifier.verify(text)
+    # Revoked after this replica's last look, then Redis becomes unreachable to it: the stale copy
+    # cannot know, and keeps the key working for the outage (the documented price of availability).
+    await outage_store.revoke(record.key_id)
+    await asyncio.sleep(CACHE_S * 1.5)
+    private_redis_server.stop()
+    try:
+        assert (await verifier.verify(text)).stale_s is not None
+    finally:
+        private_redis_server.start()
+    failure = await _rejection(verifier, text)  # the first request after Redis is back
+    assert (failure.status, failure.reason) == (401, "revoked")
+    # And an outage right after that serves no stale "active" copy: the revoked record is the copy.
+    private_redis_server.stop()
+    try:
+        assert (await _rejection(verifier, text)).reason == "revoked"
+    finally:
+        private_redis_server.start()
+
+
+async def test_a_key_redis_says_does_not_exist_is_never_served_stale(outage_store, private_redis_server):
+    text, record = await outage_store.create(_owner(), ["align"], "standard")
+    verifier = ApiKeyVerifier(outage_store, cache_s=CACHE_S, stale_s=60)
+    await verifier.verify(text)
+    async with request_path_client(private_redis_server.url) as operator:
+        await operator.delete(f"auth:apikey:{record.key_id}")  # as if restored from an older backup
+    await asyncio.sleep(CACHE_S * 1.5)
+    assert (await _rejection(verifier, text)).reason == "unknown-key"
+    private_redis_server.stop()
+    try:
+        failure = await _rejection(verifier, text)
+    finally:
+        private_redis_server.start()
+    assert (failure.status, failure.reason) == (503, "store-unavailable")
+
+
+async def test_copies_older_than_both_bounds_are_pruned(outage_store, monkeypatch):
+    monkeypatch.setattr(api_keys, "_PRUNE_INTERVAL_S", 0.0)
+    verifier = ApiKeyVerifier(outage_store, cache_s=0.05, stale_s=0.1)
+    for _ in range(3):
+        await verifier.verify((await outage_store.create(_owner(), ["align"], "standard"))[0])
+    assert verifier.cached_keys == 3
+    await asyncio.sleep(0.15)
+    await verifier.verify((await outage_store.create(_owner(), ["align"], "standard"))[0])
+    assert verifier.cached_keys == 1
+
+
+async def test_stale_copy_bound_defaults_to_ten_minutes():
+    assert IngressOptions().api_key_stale_s == 600.0
+    with pytest.raises(ValueError):
+        IngressOptions(api_key_stale_s=-1)

@@ -1,4 +1,4 @@
-"""Real Redis and clamd on loopback, for `make serve` and the tests (never mocks).
+"""Real Redis, Redis Sentinel and clamd on loopback, for `make serve` and the tests (never mocks).
 
     python -m tools.local_services start var/services   # daemons for `make serve`; prints env lines
     python -m tools.local_services stop var/services
@@ -54,6 +54,7 @@ class RedisServer:
 
     directory: Path
     port: int = field(default_factory=free_port)
+    replica_of: int | None = None  # the primary's port, for a replica
     process: subprocess.Popen | None = None
 
     @property
@@ -71,6 +72,8 @@ class RedisServer:
             "--pidfile", str(self.directory / "redis.pid"),
             "--daemonize", "yes" if daemonize else "no",
         ]  # fmt: skip
+        if self.replica_of is not None:
+            command += ["--replicaof", "127.0.0.1", str(self.replica_of)]
         if daemonize:
             subprocess.run(command, check=True)
         else:
@@ -84,6 +87,107 @@ class RedisServer:
     def stop(self) -> None:
         _stop(self.process, self.directory / "redis.pid")
         self.process = None
+
+
+SENTINEL_SERVICE = "aligner"
+
+
+@dataclass
+class RedisSentinelSetup:
+    """A primary, one replica and three sentinels on loopback, tuned to fail over in seconds:
+    the primary counts as down after `down_after_ms` without an answer (quorum 2 of 3)."""
+
+    directory: Path
+    down_after_ms: int = 1000
+    failover_timeout_ms: int = 3000
+    primary: RedisServer = field(init=False)
+    replica: RedisServer = field(init=False)
+    sentinel_ports: list[int] = field(default_factory=lambda: [free_port() for _ in range(3)])
+    _sentinels: list[subprocess.Popen] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.primary = RedisServer(self.directory / "primary")
+        self.replica = RedisServer(self.directory / "replica", replica_of=self.primary.port)
+
+    @property
+    def addresses(self) -> list[tuple[str, int]]:
+        return [("127.0.0.1", port) for port in self.sentinel_ports]
+
+    @property
+    def environment(self) -> dict[str, str]:
+        """What the service reads (serve_app.settings.Environment) to use this setup."""
+        return {
+            "ALIGNER_REDIS_SENTINELS": ",".join(f"{host}:{port}" for host, port in self.addresses),
+            "ALIGNER_REDIS_SENTINEL_SERVICE": SENTINEL_SERVICE,
+        }
+
+    def start(self) -> "RedisSentinelSetup":
+        self.primary.start()
+        self.replica.start()
+        for index, port in enumerate(self.sentinel_ports):
+            directory = self.directory / f"sentinel-{index}"
+            directory.mkdir(parents=True, exist_ok=True)
+            config = directory / "sentinel.conf"  # a sentinel rewrites its config: one file each
+            config.write_text(
+                "\n".join(
+                    [
+                        f"port {port}",
+                        "bind 127.0.0.1",
+                        f"dir {directory}",
+                        f"logfile {directory / 'sentinel.log'}",
+                        f"sentinel monitor {SENTINEL_SERVICE} 127.0.0.1 {self.primary.port} 2",
+                        f"sentinel down-after-milliseconds {SENTINEL_SERVICE} {self.down_after_ms}",
+                        f"sentinel failover-timeout {SENTINEL_SERVICE} {self.failover_timeout_ms}",
+                        f"sentinel parallel-syncs {SENTINEL_SERVICE} 1",
+                    ]
+                )
+                + "\n"
+            )
+            command = [shutil.which("redis-sentinel") or "redis-sentinel", str(config)]
+            self._sentinels.append(subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        # A failover needs the sentinels to know each other and the replica (hello messages).
+        _wait_until(self._sentinels_agree, 30, "redis-sentinel quorum")
+        return self
+
+    def master_port(self) -> int | None:
+        """The primary's port as the first sentinel that answers reports it."""
+        for port in self.sentinel_ports:
+            reply = _sentinel_command(port, f"SENTINEL get-master-addr-by-name {SENTINEL_SERVICE}")
+            if reply and reply[-1].isdigit():
+                return int(reply[-1])
+        return None
+
+    def _sentinels_agree(self) -> bool:
+        for port in self.sentinel_ports:
+            reply = _sentinel_command(port, f"SENTINEL master {SENTINEL_SERVICE}")
+            fields = dict(zip(reply[::2], reply[1::2]))
+            if fields.get("num-slaves") != "1" or fields.get("num-other-sentinels") != str(len(self.sentinel_ports) - 1):
+                return False
+        return self.replica_in_sync()
+
+    def replica_in_sync(self) -> bool:
+        reply = _sentinel_command(self.replica.port, "INFO replication")
+        return any(line == "master_link_status:up" for line in reply)
+
+    def stop(self) -> None:
+        for process in self._sentinels:
+            process.terminate()
+            process.wait(10)
+        self._sentinels.clear()
+        self.replica.stop()
+        self.primary.stop()
+
+
+def _sentinel_command(port: int, command: str) -> list[str]:
+    """A command's reply as a flat list of strings, by redis-cli (empty when nothing answers)."""
+    try:
+        done = subprocess.run(
+            [shutil.which("redis-cli") or "redis-cli", "-p", str(port), *command.split()],
+            capture_output=True, text=True, timeout=5,
+        )  # fmt: skip
+    except subprocess.TimeoutExpired:
+        return []
+    return [line.strip() for line in done.stdout.splitlines() if line.strip()] if done.returncode == 0 else []
 
 
 @dataclass

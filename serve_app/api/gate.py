@@ -12,7 +12,9 @@ composes (serve_app.security.*) know nothing of HTTP. One Gate per ingress repli
 replica's Redis client and the verifiers' caches.
 
 Failure policy when Redis is down:
-- authentication (API keys): fail CLOSED, 503 + Retry-After, aligner_dependency_errors{redis,auth};
+- authentication (API keys): keys Redis confirmed within `api_key_stale_s` keep working from the
+  replica's stale copy, counted as aligner_api_key_stale_serves and audited (`stale_s`); every
+  other key fails CLOSED, 503 + Retry-After, aligner_dependency_errors{redis,auth};
 - rate limits: fail OPEN by default (RateLimitOptions.fail_open), counted as
   aligner_ratelimit_decisions{result="error_allowed"}; the per-replica concurrency cap still holds;
 - bans: not enforced while Redis is down (counted), enforced again when it is back.
@@ -68,7 +70,9 @@ class Gate:
     def __init__(self, environment: Environment, options: IngressOptions, audit: AuditLog) -> None:
         if environment.api_key_pepper is None:
             raise RuntimeError("ALIGNER_API_KEY_PEPPER (or ALIGNER_API_KEY_PEPPER_FILE) must be set")
-        self.redis = request_path_client(environment.redis_url.get_secret_value(), timeout_s=options.rate_limits.redis_timeout_s)
+        self.redis = request_path_client(
+            environment.redis_url.get_secret_value(), timeout_s=options.rate_limits.redis_timeout_s, sentinel=environment.redis_sentinel
+        )
         self.api_keys = ApiKeyStore(
             self.redis, environment.api_key_pepper.get_secret_value().encode(), options.api_key_last_used_flush_s
         )
@@ -90,7 +94,7 @@ class Gate:
             self._oauth = options.oauth
             secret = self._introspection_secret.get_secret_value() if self._introspection_secret else None
             jwt = JwtVerifier(options.oauth, self.http, secret) if options.oauth.issuers else None
-            self.authenticator = Authenticator(ApiKeyVerifier(self.api_keys, options.api_key_cache_s), jwt)
+            self.authenticator = Authenticator(ApiKeyVerifier(self.api_keys, options.api_key_cache_s, options.api_key_stale_s), jwt)
 
     # -- 1-2: before any credential is looked at ------------------------------------------------
 
@@ -115,9 +119,12 @@ class Gate:
                 self.authenticator.authorize(principal, scope)  # a 403 is audited with who asked
             except AuthFailure as failure:
                 await self._auth_failed(caller, failure)
+        if principal.stale_s is not None:
+            metrics.API_KEY_STALE_SERVES.inc()
         self.audit.record(
-            caller.audit, "auth", "allowed", "authenticated", method=principal.method, plan=principal.plan, issuer=principal.issuer
-        )
+            caller.audit, "auth", "allowed", "authenticated", method=principal.method, plan=principal.plan, issuer=principal.issuer,
+            stale_s=None if principal.stale_s is None else round(principal.stale_s, 1),
+        )  # fmt: skip
         await self._refuse_if_banned(caller)
 
         plan = self._plan(principal)

@@ -14,8 +14,19 @@ DoS). Owner, scopes, plan and the lifecycle times sit beside it. Keys are never 
 or expired key stays readable for audit.
 
 Verification costs at most one Redis round trip: records are cached per key id for `cache_s`, which
-is therefore the bound on how long a revoked key keeps working on a replica. Redis unreachable and
-no cached record: `AuthFailure` 503 "store-unavailable" (fail closed). `last_used_at` is written
+is therefore the bound on how long a revoked key keeps working on a replica while Redis answers.
+
+Failure policy, Redis unreachable (a store error, never a "no such key" answer): a record Redis
+returned within `stale_s` is still used, as a stale copy, so keys in use keep working through an
+outage (as gateways such as Kong serve cached credentials with their database down); the
+principal says how old its copy is (`Principal.stale_s`), and the ingress counts and audits each
+such serve. Keys never seen by this replica, or last confirmed longer ago than `stale_s`, fail
+closed: `AuthFailure` 503 "store-unavailable". The copy is only what Redis last said: a key
+revoked or deleted while this replica cannot reach Redis keeps working until Redis answers again,
+and is refused from the first request after that (the normal `cache_s` bound resumes). Secrets,
+expiry and revocation are checked against the copy exactly as against a fresh record. The copy
+is bounded by the keys that exist and were used here within `stale_s`; older entries are pruned.
+`last_used_at` is written
 behind: uses accumulate in memory and are flushed at most every `last_used_flush_s`, in the
 background, never as a write per request.
 
@@ -322,25 +333,31 @@ class ApiKeyStore:
 @dataclass
 class _CachedRecord:
     record: KeyRecord
-    fresh_until: float  # time.monotonic()
+    fetched_at: float  # time.monotonic() when Redis returned it
+
+
+_PRUNE_INTERVAL_S = 60.0
 
 
 class ApiKeyVerifier:
     """`verify(text) -> Principal`, or `AuthFailure`. One per ingress replica (it holds the cache)."""
 
-    def __init__(self, store: ApiKeyStore, cache_s: float = 5.0):
+    def __init__(self, store: ApiKeyStore, cache_s: float = 5.0, stale_s: float = 0.0):
         self._store = store
         self._cache_s = cache_s
+        self._stale_s = stale_s
         # Only records that exist are cached, so the cache is bounded by the number of keys.
         self._cache: dict[str, _CachedRecord] = {}
+        self._next_prune_at = time.monotonic() + _PRUNE_INTERVAL_S
         self.store_health = StoreHealth(logger, "API key verifier")  # .failures: lookups refused for it
+        self.stale_serves = 0  # verifications answered from a stale copy while Redis was unreachable
 
     async def verify(self, text: str) -> Principal:
         parsed = parse_api_key(text)
         if parsed is None:
             reason: Reason = "bad-format" if _KEY_SHAPE.fullmatch(text) is None else "bad-checksum"
             raise AuthFailure.invalid_token(reason, "the API key is malformed", "api_key")
-        record = await self._record(parsed.key_id)
+        record, stale_s = await self._record(parsed.key_id)
         # Unknown id and wrong secret read the same to the client: no probing for valid key ids.
         if record is None:
             raise AuthFailure.invalid_token("unknown-key", "invalid API key", "api_key")
@@ -349,24 +366,43 @@ class ApiKeyVerifier:
         state = record.state(time.time())
         if state != "active":
             raise AuthFailure.invalid_token(state, f"the API key is {state}", "api_key")
+        if stale_s is not None:
+            self.stale_serves += 1
         self._store.record_use(record.key_id)
-        return Principal(method="api_key", id=record.key_id, scopes=record.scopes, plan=record.plan)
+        return Principal(method="api_key", id=record.key_id, scopes=record.scopes, plan=record.plan, stale_s=stale_s)
 
-    async def _record(self, key_id: str) -> KeyRecord | None:
+    async def _record(self, key_id: str) -> tuple[KeyRecord | None, float | None]:
+        """The key's record, and how old it is when it is a stale copy served during an outage."""
         now = time.monotonic()
         cached = self._cache.get(key_id)
-        if cached is not None and now < cached.fresh_until:
-            return cached.record
+        if cached is not None and now - cached.fetched_at < self._cache_s:
+            return cached.record, None
         try:
             record = await self._store.get(key_id)
         except STORE_ERRORS as error:
-            self.store_health.failed(error, "API keys not in this replica's cache are refused (503)")
+            self.store_health.failed(error, f"API keys not confirmed within {self._stale_s:g} s are refused (503)")
+            if cached is not None and now - cached.fetched_at < self._stale_s:
+                return cached.record, now - cached.fetched_at
             raise AuthFailure.unavailable(
                 "store-unavailable", "the credential store is unavailable; retry later", "api_key"
             ) from None
         self.store_health.answered()
         if record is None:
             self._cache.pop(key_id, None)
-        elif self._cache_s > 0:
-            self._cache[key_id] = _CachedRecord(record, now + self._cache_s)
-        return record
+        elif max(self._cache_s, self._stale_s) > 0:
+            self._cache[key_id] = _CachedRecord(record, now)
+        self._prune(now)
+        return record, None
+
+    def _prune(self, now: float) -> None:
+        """Drop copies too old to be served fresh or stale (keys no longer used here)."""
+        if now < self._next_prune_at:
+            return
+        self._next_prune_at = now + _PRUNE_INTERVAL_S
+        keep_s = max(self._cache_s, self._stale_s)
+        for key_id in [key_id for key_id, cached in self._cache.items() if now - cached.fetched_at >= keep_s]:
+            del self._cache[key_id]
+
+    @property
+    def cached_keys(self) -> int:
+        return len(self._cache)

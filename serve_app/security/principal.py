@@ -21,6 +21,9 @@ class Principal:
     scopes: frozenset[str]
     plan: str  # name of the rate-limit plan (settings.Plan) that applies
     issuer: str | None = None  # OAuth2: the configured issuer identifier (exact `iss`); API keys: None
+    # Seconds since the credential store last confirmed this credential, when it was accepted from
+    # a replica's stale copy because the store was unreachable (api_keys.ApiKeyVerifier); else None.
+    stale_s: float | None = None
 
     def __post_init__(self) -> None:
         if (self.method == "jwt") != (self.issuer is not None):

@@ -1,4 +1,4 @@
-"""Create a real API key in a Redis, as `serve_app.cli keys create` would (tests and bench/)."""
+"""Create or revoke a real API key in a Redis, as `serve_app.cli keys` would (tests and bench/)."""
 
 from __future__ import annotations
 
@@ -21,3 +21,16 @@ def create_api_key(
             await redis.aclose()
 
     return asyncio.run(create())
+
+
+def revoke_api_key(redis_url: str, pepper: bytes, key_id: str) -> None:
+    """Revoke a key in a Redis, as `serve_app.cli keys revoke` would."""
+
+    async def revoke() -> None:
+        redis = request_path_client(redis_url)
+        try:
+            await ApiKeyStore(redis, pepper).revoke(key_id)
+        finally:
+            await redis.aclose()
+
+    asyncio.run(revoke())

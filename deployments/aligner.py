@@ -43,6 +43,7 @@ class Aligner:
         self._batch_sizes: Counter[int] = Counter()
         self._waiting_since: dict[object, float] = {}  # jobs waiting for a batch -> when they arrived
         self._running = 0  # jobs in the batch being aligned
+        self._free_since = time.monotonic()  # when the last batch ended: jobs wait for a batch from then
 
     def reconfigure(self, user_config: dict) -> None:
         options = AlignerOptions.model_validate(user_config)
@@ -71,6 +72,7 @@ class Aligner:
             return await self._run(jobs)
         finally:
             self._running = 0
+            self._free_since = time.monotonic()
 
     async def _run(self, jobs: list[AlignmentJob]) -> list[list[UnitTiming] | AlignmentFailed]:
         backend = self._backend.info.name
@@ -88,10 +90,21 @@ class Aligner:
             "aligner_ongoing": self._running,
             "aligner_queued": len(self._waiting_since),
             "aligner_capacity": self._capacity,
-            # How long the oldest waiting job has waited so far: the current wait, never a stale
-            # figure from the last busy spell (an idle aligner reports 0).
-            "batch_wait_s": time.monotonic() - min(self._waiting_since.values()) if self._waiting_since else 0.0,
+            "batch_wait_s": self._batch_wait_s(),
         }
+
+    def _batch_wait_s(self) -> float:
+        """How long the oldest waiting job has waited for a batch while none was running.
+
+        A job behind a running batch is counted in `aligner_queued` against the capacity, not as a
+        batch wait: one long file in progress would otherwise read as overload and shed everyone
+        who arrives meanwhile. Always the current wait, never a stale figure from a busy spell (an
+        idle aligner reports 0).
+        """
+        if self._running or not self._waiting_since:
+            return 0.0
+        now = time.monotonic()
+        return now - max(min(self._waiting_since.values()), self._free_since)
 
     async def batch_sizes(self) -> dict[int, int]:
         """How many batches of each size this replica has run (for tests and bench/)."""

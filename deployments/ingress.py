@@ -20,7 +20,6 @@ nothing answers a traceback.
 # No `from __future__ import annotations`: FastAPI must resolve the handlers' annotations at runtime.
 
 import asyncio
-import dataclasses
 import logging
 import re
 import time
@@ -69,6 +68,10 @@ _SAFE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _READY_TIMEOUT_S = 5.0
 _DEPENDENCY_PROBE_INTERVAL_S = 5.0
 _MIN_AUDIO_SECONDS = 0.1  # shorter holds no alignable word (Qwen3's time grid is 80 ms)
+
+
+def _count_probe_failure(error_type: str) -> None:
+    metrics.LOAD_PROBE_FAILURES.inc(tags={"error": error_type})
 
 
 app = FastAPI(
@@ -121,14 +124,13 @@ class Ingress:
         self._gate: Gate | None = None
         self._backend: BackendInfo | None = None  # fetched from the aligner once, then cached
         self._background: list[asyncio.Task] = []
-        self._last_load: LoadSample | None = None
 
     async def reconfigure(self, user_config: dict) -> None:
         self._options = IngressOptions.model_validate(user_config)
         if self._gate is None:
             self._gate = app.state.gate = Gate(self._environment, self._options, self._audit)
             self._background = [
-                asyncio.create_task(self._gate.shedder.run(self._probe_load)),
+                asyncio.create_task(self._gate.shedder.run(self._probe_load, _count_probe_failure)),
                 asyncio.create_task(self._probe_dependencies()),
             ]
         else:
@@ -325,21 +327,11 @@ class Ingress:
     async def _probe_load(self) -> LoadSample:
         """The aligner's and scanner's own view of their load, for the shedder (about once a second).
 
-        A status call that cannot get through within the shedder's interval means the aligner is
-        saturated (Serve holds calls beyond max_ongoing_requests): that is reported as full load.
+        No timeout here: the shedder bounds the probe and counts one that does not answer, and never
+        reads slowness as load (serve_app.security.shedding).
         """
-        try:
-            aligner, scanner = await asyncio.wait_for(
-                asyncio.gather(self._aligner.load.remote(), self._scanner.load.remote()),
-                self._options.shedding.sample_interval_s / 2,
-            )
-            self._last_load = LoadSample(**aligner, **scanner)
-        except asyncio.TimeoutError:
-            last = self._last_load
-            if last is None:
-                raise  # no capacities known yet: the shedder counts a failed probe
-            self._last_load = dataclasses.replace(last, aligner_ongoing=last.aligner_capacity, aligner_queued=last.aligner_capacity)
-        return self._last_load
+        aligner, scanner = await asyncio.gather(self._aligner.load.remote(), self._scanner.load.remote())
+        return LoadSample(**aligner, **scanner)
 
     async def _redis_answers(self) -> bool:
         try:

@@ -43,6 +43,11 @@ RATELIMIT_DECISIONS = Counter(
     tag_keys=_tags("policy", "result"),
 )
 SHED = Counter("aligner_shed", "Requests shed under load before queueing.", tag_keys=_tags("plan"))
+LOAD_PROBE_FAILURES = Counter(
+    "aligner_load_probe_failures",
+    "Shedder load probes that failed or did not answer in time (counted, never read as load).",
+    tag_keys=_tags("error"),
+)
 BANS = Counter("aligner_bans", "Temporary bans set or enforced.", tag_keys=_tags("subject", "action"))
 SCANNER_VERDICTS = Counter(
     "aligner_scanner_verdicts", "Scanner outcomes: clean, malware, rejected, unavailable.", tag_keys=_tags("verdict")
@@ -61,7 +66,7 @@ DEPENDENCY_ERRORS = Counter(
 )
 
 _ALL = (
-    REQUESTS, STAGE_SECONDS, AUTH_FAILURES, RATELIMIT_DECISIONS, SHED, BANS, SCANNER_VERDICTS,
+    REQUESTS, STAGE_SECONDS, AUTH_FAILURES, RATELIMIT_DECISIONS, SHED, LOAD_PROBE_FAILURES, BANS, SCANNER_VERDICTS,
     DECODE_REJECTIONS, AUDIO_SECONDS, BATCH_SIZE, INFERENCE_SECONDS, DEPENDENCY_UP, DEPENDENCY_ERRORS,
 )  # fmt: skip
 

@@ -57,6 +57,11 @@ AUDIO_SECONDS = Counter("aligner_audio_seconds", "Decoded audio seconds aligned.
 BATCH_SIZE = Histogram(
     "aligner_batch_size", "Jobs per aligner batch.", boundaries=[1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64], tag_keys=_tags("backend")
 )
+BACKEND_FAILURES = Counter(
+    "aligner_backend_failures",
+    "Jobs the aligner backend failed on (an exception, out of memory), by exception class.",
+    tag_keys=_tags("backend", "error"),
+)
 INFERENCE_SECONDS = Histogram(
     "aligner_inference_seconds", "Backend time per batch.", boundaries=_LATENCY_BOUNDARIES_S, tag_keys=_tags("backend")
 )
@@ -67,7 +72,7 @@ DEPENDENCY_ERRORS = Counter(
 
 _ALL = (
     REQUESTS, STAGE_SECONDS, AUTH_FAILURES, RATELIMIT_DECISIONS, SHED, LOAD_PROBE_FAILURES, BANS, SCANNER_VERDICTS,
-    DECODE_REJECTIONS, AUDIO_SECONDS, BATCH_SIZE, INFERENCE_SECONDS, DEPENDENCY_UP, DEPENDENCY_ERRORS,
+    DECODE_REJECTIONS, AUDIO_SECONDS, BATCH_SIZE, BACKEND_FAILURES, INFERENCE_SECONDS, DEPENDENCY_UP, DEPENDENCY_ERRORS,
 )  # fmt: skip
 
 

@@ -188,6 +188,10 @@ class AlignerOptions(_Strict):
 
     max_batch_size: int = Field(8, ge=1, le=64)
     batch_wait_timeout_s: float = Field(0.05, ge=0, le=5)
+    unhealthy_after_failures: int = Field(
+        5, ge=1, description="Jobs in a row the backend fails on before the health check runs a probe inference "
+        "(if that fails too, Serve replaces the replica).",
+    )
 
 
 

@@ -23,9 +23,8 @@ import logging
 import time
 from collections import Counter
 
-from ray import serve
-
 import numpy as np
+from ray import serve
 
 from deployments.backends import load_backend
 from deployments.backends.base import SAMPLE_RATE, AlignerBackend, AlignmentJob, BackendFailed, BackendInfo, JobOutcome

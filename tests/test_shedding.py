@@ -164,3 +164,23 @@ async def test_measured_saturation_still_sheds_and_a_later_failed_probe_does_not
     assert set(failures) == {"ConnectionError"}
     assert shedder.level == pytest.approx(1.2)  # the last measurement, not a made-up one
     assert shedder.should_shed(0) and not shedder.should_shed(10)
+
+
+@pytest.mark.asyncio
+async def test_the_aligner_reports_no_batch_wait_for_jobs_behind_a_running_batch():
+    """A job waiting behind one long file is queued work (counted against capacity), not a batch
+    wait: read as one, a single 3 s alignment made everyone arriving meanwhile look like overload."""
+    import time
+
+    from deployments.aligner import Aligner
+    from deployments.backends.pocketsphinx import PocketSphinxBackend
+    from serve_app.settings import AlignerOptions, GraphArgs
+
+    aligner = Aligner.func_or_class(GraphArgs(backend="pocketsphinx"), backend=PocketSphinxBackend())
+    aligner.reconfigure(AlignerOptions().model_dump())
+    now = time.monotonic()
+    aligner._running, aligner._waiting_since = 1, {object(): now - 3.0}  # one long batch in progress
+    load = await aligner.load()
+    assert (load["aligner_ongoing"], load["aligner_queued"], load["batch_wait_s"]) == (1, 1, 0.0)
+    aligner._running, aligner._free_since = 0, now - 0.2  # the batch ended 0.2 s ago; the job still waits
+    assert (await aligner.load())["batch_wait_s"] == pytest.approx(0.2, abs=0.1)

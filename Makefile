@@ -35,12 +35,13 @@ system-deps:
 		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing; \
 	fi
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	# The CPU build of torch first (a plain `torch` requirement would pull a multi-GB CUDA build).
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e ".[qwen3,test]"
+	# constraints.txt: the versions the tests passed with, so a fresh install resolves to them.
+	$(PIP) install -q -e ".[qwen3,test]" -c constraints.txt
 	touch $@
 
 venv: $(VENV)/.installed

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import soundfile
 
-from deployments.backends.base import SAMPLE_RATE, AlignmentFailed, AlignmentJob, UnitTiming
+from deployments.backends.base import SAMPLE_RATE, AlignmentJob, JobOutcome, UnitTiming
 
 EVAL_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "eval" / "emuR_ae"
 THRESHOLDS_MS = (20, 50, 100)
@@ -80,13 +80,13 @@ def load_eval_set(directory: Path = EVAL_DIR) -> list[EvalUtterance]:
 
 
 def score_alignments(
-    pairs: Sequence[tuple[Sequence[ReferenceWord], Sequence[UnitTiming] | AlignmentFailed]],
+    pairs: Sequence[tuple[Sequence[ReferenceWord], Sequence[UnitTiming] | JobOutcome]],
 ) -> AccuracyReport:
     """Pool boundary errors over (reference words, backend answer) pairs, words paired by position."""
     errors_ms: list[float] = []
     missing = 0
     for reference, answer in pairs:
-        hypothesis = [] if isinstance(answer, AlignmentFailed) else answer
+        hypothesis = answer if isinstance(answer, list) else []
         for expected, got in zip(reference, hypothesis):
             errors_ms += [abs(got.start - expected.start) * 1000, abs(got.end - expected.end) * 1000]
         missing += max(0, len(reference) - len(hypothesis))
@@ -120,13 +120,13 @@ def main() -> int:
     audio_seconds = sum(utterance.duration for utterance in utterances)
 
     pass_seconds: list[float] = []
-    answers: list[list[UnitTiming] | AlignmentFailed] = []
+    answers: list[JobOutcome] = []
     for _ in range(max(1, args.repetitions)):
         started = time.perf_counter()
         answers = [backend.align_batch([utterance.job()])[0] for utterance in utterances]
         pass_seconds.append(time.perf_counter() - started)
     report = score_alignments([(utterance.words, answer) for utterance, answer in zip(utterances, answers)])
-    failed_jobs = sum(isinstance(answer, AlignmentFailed) for answer in answers)
+    failed_jobs = sum(not isinstance(answer, list) for answer in answers)
     rtf = statistics.median(pass_seconds) / audio_seconds
 
     checks = {

@@ -12,7 +12,8 @@ POST /v1/align reads as the request path:
 Each decision is counted (serve_app.metrics) and audited (serve_app.security.audit).
 
 Failure policy: a scanner or aligner that is down, saturated (Serve's max_queued_requests) or too
-slow answers 503 with Retry-After; clamd down answers 503 (fail closed); Redis down fails closed for
+slow answers 503 with Retry-After; a job the aligner's backend failed on answers 503 (out of
+memory: a retry may succeed) or 500 (no traceback), never the 422 of an input that cannot be aligned; clamd down answers 503 (fail closed); Redis down fails closed for
 authentication and open for rate limits (serve_app.api.gate); bad input answers a 4xx problem;
 nothing answers a traceback.
 """
@@ -20,7 +21,6 @@ nothing answers a traceback.
 # No `from __future__ import annotations`: FastAPI must resolve the handlers' annotations at runtime.
 
 import asyncio
-import dataclasses
 import logging
 import re
 import time
@@ -34,7 +34,7 @@ from ray.exceptions import RayError
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
-from deployments.backends.base import AlignmentFailed, AlignmentJob, BackendInfo, UnitTiming
+from deployments.backends.base import AlignmentFailed, AlignmentJob, BackendFailed, BackendInfo, JobOutcome, UnitTiming
 from serve_app import metrics
 from serve_app.api import admin, formats
 from serve_app.api.dependencies import authorized
@@ -69,6 +69,29 @@ _SAFE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _READY_TIMEOUT_S = 5.0
 _DEPENDENCY_PROBE_INTERVAL_S = 5.0
 _MIN_AUDIO_SECONDS = 0.1  # shorter holds no alignable word (Qwen3's time grid is 80 ms)
+
+
+def alignment_problem(outcome: JobOutcome, retry_after_s: int) -> Problem | None:
+    """The answer to a job the aligner did not align, None for timings.
+
+    A backend failure is ours, not the input's: 503 when a retry may succeed (out of memory), else
+    500; never the 422 of an input that cannot be aligned. An unknown reason is a backend bug.
+    """
+    if isinstance(outcome, BackendFailed):
+        if outcome.transient:
+            return unavailable("the aligner is short of memory; retry later", retry_after_s)
+        return Problem("internal-error", "the aligner failed on this request")
+    if isinstance(outcome, AlignmentFailed):
+        problem = PROBLEM_TYPES.get(outcome.reason)
+        if problem is None or problem.status != 422:
+            logger.error("the aligner answered an unknown failure reason")
+            return Problem("internal-error", "the aligner failed on this request")
+        return Problem(outcome.reason, outcome.detail)
+    return None
+
+
+def _count_probe_failure(error_type: str) -> None:
+    metrics.LOAD_PROBE_FAILURES.inc(tags={"error": error_type})
 
 
 app = FastAPI(
@@ -121,14 +144,13 @@ class Ingress:
         self._gate: Gate | None = None
         self._backend: BackendInfo | None = None  # fetched from the aligner once, then cached
         self._background: list[asyncio.Task] = []
-        self._last_load: LoadSample | None = None
 
     async def reconfigure(self, user_config: dict) -> None:
         self._options = IngressOptions.model_validate(user_config)
         if self._gate is None:
             self._gate = app.state.gate = Gate(self._environment, self._options, self._audit)
             self._background = [
-                asyncio.create_task(self._gate.shedder.run(self._probe_load)),
+                asyncio.create_task(self._gate.shedder.run(self._probe_load, _count_probe_failure)),
                 asyncio.create_task(self._probe_dependencies()),
             ]
         else:
@@ -284,9 +306,9 @@ class Ingress:
     async def _align(self, job: AlignmentJob, options: IngressOptions) -> list[UnitTiming]:
         with metrics.timed("align"):
             outcome = await self._downstream(self._aligner.align.remote(job), "aligner", options.align_timeout_s, options)
-        if isinstance(outcome, AlignmentFailed):
-            slug = outcome.reason if outcome.reason in PROBLEM_TYPES else "no-alignment-found"
-            raise Problem(slug, outcome.detail)
+        problem = alignment_problem(outcome, options.retry_after_s)
+        if problem is not None:
+            raise problem
         return outcome
 
     @staticmethod
@@ -335,21 +357,11 @@ class Ingress:
     async def _probe_load(self) -> LoadSample:
         """The aligner's and scanner's own view of their load, for the shedder (about once a second).
 
-        A status call that cannot get through within the shedder's interval means the aligner is
-        saturated (Serve holds calls beyond max_ongoing_requests): that is reported as full load.
+        No timeout here: the shedder bounds the probe and counts one that does not answer, and never
+        reads slowness as load (serve_app.security.shedding).
         """
-        try:
-            aligner, scanner = await asyncio.wait_for(
-                asyncio.gather(self._aligner.load.remote(), self._scanner.load.remote()),
-                self._options.shedding.sample_interval_s / 2,
-            )
-            self._last_load = LoadSample(**aligner, **scanner)
-        except asyncio.TimeoutError:
-            last = self._last_load
-            if last is None:
-                raise  # no capacities known yet: the shedder counts a failed probe
-            self._last_load = dataclasses.replace(last, aligner_ongoing=last.aligner_capacity, aligner_queued=last.aligner_capacity)
-        return self._last_load
+        aligner, scanner = await asyncio.gather(self._aligner.load.remote(), self._scanner.load.remote())
+        return LoadSample(**aligner, **scanner)
 
     async def _redis_answers(self) -> bool:
         try:

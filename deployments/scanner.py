@@ -7,7 +7,8 @@ value (accepted audio, a rejection, or "clamd unavailable"), never an exception 
 
 Failure policy: clamd down or erroring -> `ScanUnavailable`, which the ingress answers with 503 +
 Retry-After (fail closed), counted as aligner_scanner_verdicts{verdict="unavailable"}; each scan
-opens a new connection, so service resumes by itself when clamd is back.
+opens a new connection, so service resumes by itself when clamd is back. A scan whose caller gave
+up keeps its slot until its thread ends (bounded by max_decode_wall_seconds and clamd_timeout_s).
 """
 
 from __future__ import annotations
@@ -54,11 +55,19 @@ class Scanner:
     async def inspect(self, upload: np.ndarray) -> Verdict:
         """Scan and decode one upload (uint8 array). Runs in a worker thread: it blocks."""
         self._in_flight += 1
+        slots = self._slots  # the semaphore this scan holds, even if reconfigure() replaces it
         try:
-            async with self._slots:
-                verdict = await asyncio.to_thread(inspect_upload, upload.tobytes(), self._clamd, self._limits)
-        finally:
+            await slots.acquire()
+        except BaseException:  # cancelled while waiting: it never held a slot
             self._in_flight -= 1
+            raise
+        # A thread cannot be stopped: if the caller gives up (the ingress's scan timeout cancels
+        # this call) the decode runs on until its own wall-time cap. Its slot and its place in the
+        # backlog are given back when the thread really ends, so a replica never decodes more
+        # than max_concurrent_scans uploads at once, and the shedder sees that work.
+        scan = asyncio.ensure_future(asyncio.to_thread(inspect_upload, upload.tobytes(), self._clamd, self._limits))
+        scan.add_done_callback(lambda finished: self._scan_ended(finished, slots))
+        verdict = await asyncio.shield(scan)
         if isinstance(verdict, ScanUnavailable):
             metrics.SCANNER_VERDICTS.inc(tags={"verdict": "unavailable"})
             metrics.DEPENDENCY_ERRORS.inc(tags={"dependency": "clamd", "use": "scan"})
@@ -70,6 +79,12 @@ class Scanner:
         else:
             metrics.SCANNER_VERDICTS.inc(tags={"verdict": "clean"})
         return verdict
+
+    def _scan_ended(self, scan: asyncio.Future, slots: asyncio.Semaphore) -> None:
+        slots.release()
+        self._in_flight -= 1
+        if not scan.cancelled():
+            scan.exception()  # retrieved here too: a scan whose caller left must not log "never retrieved"
 
     async def load(self) -> dict[str, int]:
         return {"scanner_backlog": self._in_flight, "scanner_capacity": self._capacity}

@@ -96,6 +96,8 @@ def _lint_deployment(name: str, deployment: dict) -> list[str]:
             problems.append("ray_actor_options must set num_gpus")
         if deployment.get("max_ongoing_requests", 5) < options.max_batch_size:
             problems.append("max_ongoing_requests must be >= user_config.max_batch_size, or batches never fill")
+    if name == "Scanner" and deployment.get("max_ongoing_requests", 5) < options.max_concurrent_scans:
+        problems.append("max_ongoing_requests must be >= user_config.max_concurrent_scans, or scan slots never fill")
     if "max_queued_requests" not in deployment:
         problems.append("max_queued_requests must be set (Serve's default queue is unbounded)")
     return problems

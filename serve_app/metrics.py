@@ -48,6 +48,11 @@ RATELIMIT_DECISIONS = Counter(
     tag_keys=_tags("policy", "result"),
 )
 SHED = Counter("aligner_shed", "Requests shed under load before queueing.", tag_keys=_tags("plan"))
+LOAD_PROBE_FAILURES = Counter(
+    "aligner_load_probe_failures",
+    "Shedder load probes that failed or did not answer in time (counted, never read as load).",
+    tag_keys=_tags("error"),
+)
 BANS = Counter("aligner_bans", "Temporary bans set or enforced.", tag_keys=_tags("subject", "action"))
 SCANNER_VERDICTS = Counter(
     "aligner_scanner_verdicts", "Scanner outcomes: clean, malware, rejected, unavailable.", tag_keys=_tags("verdict")
@@ -56,6 +61,11 @@ DECODE_REJECTIONS = Counter("aligner_decode_rejections", "Uploads refused by sni
 AUDIO_SECONDS = Counter("aligner_audio_seconds", "Decoded audio seconds aligned.", tag_keys=_tags("backend"))
 BATCH_SIZE = Histogram(
     "aligner_batch_size", "Jobs per aligner batch.", boundaries=[1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64], tag_keys=_tags("backend")
+)
+BACKEND_FAILURES = Counter(
+    "aligner_backend_failures",
+    "Jobs the aligner backend failed on (an exception, out of memory), by exception class.",
+    tag_keys=_tags("backend", "error"),
 )
 INFERENCE_SECONDS = Histogram(
     "aligner_inference_seconds", "Backend time per batch.", boundaries=_LATENCY_BOUNDARIES_S, tag_keys=_tags("backend")
@@ -66,8 +76,9 @@ DEPENDENCY_ERRORS = Counter(
 )
 
 _ALL = (
-    REQUESTS, STAGE_SECONDS, AUTH_FAILURES, API_KEY_STALE_SERVES, RATELIMIT_DECISIONS, SHED, BANS, SCANNER_VERDICTS,
-    DECODE_REJECTIONS, AUDIO_SECONDS, BATCH_SIZE, INFERENCE_SECONDS, DEPENDENCY_UP, DEPENDENCY_ERRORS,
+    REQUESTS, STAGE_SECONDS, AUTH_FAILURES, API_KEY_STALE_SERVES, RATELIMIT_DECISIONS, SHED, LOAD_PROBE_FAILURES, BANS,
+    SCANNER_VERDICTS, DECODE_REJECTIONS, AUDIO_SECONDS, BATCH_SIZE, BACKEND_FAILURES, INFERENCE_SECONDS, DEPENDENCY_UP,
+    DEPENDENCY_ERRORS,
 )  # fmt: skip
 
 

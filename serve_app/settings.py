@@ -9,7 +9,13 @@
   the only one that reads the environment.
 
 Every model forbids unknown keys, so a typo in the YAML fails the deploy instead of silently
-falling back to a default.
+falling back to a default, and checks its fields against each other (a setting that is valid alone
+but not with another fails the deploy, not the first request under load).
+
+Live or start-only: every `user_config` field is applied by the deployment's `reconfigure()`
+without a restart, except those whose description begins with "Start-only", which are read when a
+replica starts (change them with a redeploy that replaces the replicas). tests/test_settings.py
+holds the list and docs/operations.md repeats it.
 """
 
 from __future__ import annotations
@@ -92,25 +98,41 @@ class OAuthOptions(_Strict):
     jwks_refetch_interval_s: float = Field(30, ge=0, description="Unknown kid: re-fetch at most this often.")
     http_timeout_s: float = Field(3.0, gt=0)
 
+    @model_validator(mode="after")
+    def _cache_bounds_ordered(self) -> "OAuthOptions":
+        if self.jwks_min_cache_s > self.jwks_max_cache_s:
+            raise ValueError("jwks_min_cache_s must be <= jwks_max_cache_s")
+        return self
+
 
 class RateLimitOptions(_Strict):
     fail_open: bool = Field(True, description="Redis down: admit (counted) rather than refuse.")
     pre_auth_burst: int = Field(120, ge=1, description="Per client IP, before credentials are checked.")
     pre_auth_per_minute: float = Field(600, gt=0)
     local_max_concurrency: int = Field(16, ge=1, description="Per ingress replica; never depends on Redis.")
-    redis_timeout_s: float = Field(0.25, gt=0, le=5, description="Per Redis call on the request path.")
+    redis_timeout_s: float = Field(
+        0.25, gt=0, le=5, description="Start-only (the replica's Redis client is built with it): per Redis call on the request path."
+    )
 
 
 class SheddingOptions(_Strict):
     """When to shrink buckets and shed new work, from the aligner's and scanner's load."""
 
-    reduce_above: float = Field(0.7, ge=0, description="Load level above which bucket capacities shrink.")
+    reduce_above: float = Field(0.7, ge=0, lt=1, description="Load level above which bucket capacities shrink (below 1, the level of full capacity).")
     min_load_factor: float = Field(0.25, gt=0, le=1, description="Bucket capacity multiplier at level 1 and above.")
     shed_above: float = Field(0.9, gt=0, description="Level at which priority-0 work is shed.")
     shed_top_priority_above: float = Field(1.5, gt=0, description="Level at which priority-10 work is shed.")
     target_batch_wait_s: float = Field(0.5, gt=0, description="A batch wait this long counts as level 1.")
     max_sample_age_s: float = Field(5.0, gt=0, description="Older samples mean load unknown: shed nothing.")
-    sample_interval_s: float = Field(1.0, gt=0)
+    sample_interval_s: float = Field(1.0, gt=0, description="How often the load is probed; also how long a probe may take.")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "SheddingOptions":
+        if self.shed_above > self.shed_top_priority_above:
+            raise ValueError("shed_above must be <= shed_top_priority_above: higher priorities are shed later, not sooner")
+        if self.max_sample_age_s <= self.sample_interval_s:
+            raise ValueError("max_sample_age_s must exceed sample_interval_s, or every sample is stale and nothing is ever shed")
+        return self
 
 
 class AbuseOptions(_Strict):
@@ -127,6 +149,12 @@ class AbuseOptions(_Strict):
     @classmethod
     def _networks(cls, networks: list[str]) -> list[str]:
         return _valid_networks(networks)
+
+    @model_validator(mode="after")
+    def _ban_bounds_ordered(self) -> "AbuseOptions":
+        if self.ban_s > self.max_ban_s:
+            raise ValueError("ban_s must be <= max_ban_s")
+        return self
 
 
 class IngressOptions(_Strict):
@@ -151,7 +179,9 @@ class IngressOptions(_Strict):
         description="Redis unreachable: a key Redis confirmed within this long keeps working from the "
         "replica's stale copy (0: fail closed at once). Keys never seen, or confirmed longer ago, get 503.",
     )
-    api_key_last_used_flush_s: float = Field(60.0, gt=0, description="Last-used times are written behind, this often (read at start).")
+    api_key_last_used_flush_s: float = Field(
+        60.0, gt=0, description="Start-only: last-used times are written behind, this often."
+    )
     trusted_proxies: list[str] = Field(default_factory=list, description="Peers whose X-Forwarded-For is believed.")
     plans: dict[str, Plan] = Field(default_factory=_default_plans)
     oauth: OAuthOptions = Field(default_factory=OAuthOptions)
@@ -219,6 +249,10 @@ class AlignerOptions(_Strict):
 
     max_batch_size: int = Field(8, ge=1, le=64)
     batch_wait_timeout_s: float = Field(0.05, ge=0, le=5)
+    unhealthy_after_failures: int = Field(
+        5, ge=1, description="Jobs in a row the backend fails on before the health check runs a probe inference "
+        "(if that fails too, Serve replaces the replica).",
+    )
 
 
 

@@ -21,6 +21,7 @@ from tests.conftest import OAUTH_CLIENT_ID, OAUTH_CLIENT_SECRET, OAUTH_NO_ALIGN_
 from tests.support import keys
 from tests.support.gate_http import PASSED_GATE, bearer, challenge, gate_probe, poll, retry_after_s, session
 from tests.support.hostile import tone_wav
+from tests.support.keys import mistyped
 from tests.support.secrets_seen import remember
 from tests.test_api import assert_problem, eval_clip, post_align
 
@@ -44,8 +45,7 @@ def test_no_credential_is_a_401_challenge_without_an_error(anonymous):
 
 
 def test_key_with_a_bad_checksum_is_an_invalid_token(anonymous, align_key):
-    damaged = align_key[:-1] + ("A" if align_key[-1] != "A" else "B")
-    response = gate_probe(anonymous, headers=bearer(damaged))
+    response = gate_probe(anonymous, headers=bearer(mistyped(align_key)))
     assert_problem(response, 401, "unauthenticated")
     assert challenge(response)["error"] == "invalid_token"
 

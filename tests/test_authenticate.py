@@ -15,6 +15,7 @@ from serve_app.security.authenticate import Authenticator, AuthFailure, www_auth
 from serve_app.security.oauth import JwtVerifier
 from serve_app.settings import OAuthIssuer, OAuthOptions
 from tests.support.issuer import AUDIENCE, LoopbackIssuer
+from tests.support.keys import mistyped
 
 pytestmark = pytest.mark.asyncio
 
@@ -58,8 +59,13 @@ async def test_bearer_jwt_goes_to_the_jwt_verifier(authenticator, issuer):
 
 
 async def test_mistyped_api_key_in_bearer_gets_the_api_key_answer(authenticator, api_key):
-    failure = await _failure(authenticator, {"Authorization": f"Bearer {api_key[:-1]}x"})
+    failure = await _failure(authenticator, {"Authorization": f"Bearer {mistyped(api_key)}"})
     assert (failure.method, failure.reason) == ("api_key", "bad-checksum")
+
+
+async def test_a_mistyped_key_always_differs_from_the_key():
+    for key in ("fa_abc_x", "fa_abc_A", "fa_abc_B", "fa_abc_0"):
+        assert mistyped(key) != key and mistyped(key)[:-1] == key[:-1]
 
 
 async def test_no_credential_is_a_401_without_error_code(authenticator):

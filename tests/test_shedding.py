@@ -110,3 +110,77 @@ async def test_background_sampling_keeps_the_last_good_sample_when_the_probe_fai
     assert levels[:2] == [0, pytest.approx(1.2)]
     assert shedder.probe_failures == 2
     assert shedder.level == pytest.approx(0.3)
+
+
+async def _run_with(shedder: LoadShedder, probe, until) -> list[str]:
+    """Run the shedder's sampling loop until `until()` holds; the failure types it reported."""
+    failures: list[str] = []
+    task = asyncio.create_task(shedder.run(probe, failures.append))
+    try:
+        for _ in range(500):
+            if until():
+                break
+            await asyncio.sleep(0.01)
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    return failures
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("first", ["idle sample", "no sample"])
+async def test_a_slow_probe_alone_never_sheds(first):
+    """Issue 10, point 12: a probe that times out (a replica busy with one long batch answers late)
+    is counted, never read as saturation; nothing is shed, not even the lowest priority."""
+    shedder = LoadShedder(SheddingOptions(sample_interval_s=0.02, max_sample_age_s=0.5))
+    answers = [sample(aligner_load=1)] if first == "idle sample" else []
+    shed: list[bool] = []
+
+    async def probe() -> LoadSample:
+        shed.append(shedder.should_shed(0))  # what a request arriving now would get
+        if answers:
+            return answers.pop(0)
+        await asyncio.sleep(10)  # slower than the shedder waits for
+        raise AssertionError("unreachable: the shedder gives up first")
+
+    failures = await _run_with(shedder, probe, lambda: shedder.probe_failures >= 5)
+    assert shedder.probe_failures >= 5 and set(failures) == {"TimeoutError"}
+    assert shed and not any(shed) and not shedder.should_shed(0)
+    assert shedder.level <= 0.1 and shedder.load_factor == 1
+
+
+@pytest.mark.asyncio
+async def test_measured_saturation_still_sheds_and_a_later_failed_probe_does_not_raise_it():
+    shedder = LoadShedder(SheddingOptions(sample_interval_s=0.02))
+    answers = [sample(aligner_load=12)]
+
+    async def probe() -> LoadSample:
+        if answers:
+            return answers.pop(0)
+        raise ConnectionError("aligner gone")
+
+    failures = await _run_with(shedder, probe, lambda: shedder.probe_failures >= 3)
+    assert set(failures) == {"ConnectionError"}
+    assert shedder.level == pytest.approx(1.2)  # the last measurement, not a made-up one
+    assert shedder.should_shed(0) and not shedder.should_shed(10)
+
+
+@pytest.mark.asyncio
+async def test_the_aligner_reports_no_batch_wait_for_jobs_behind_a_running_batch():
+    """A job waiting behind one long file is queued work (counted against capacity), not a batch
+    wait: read as one, a single 3 s alignment made everyone arriving meanwhile look like overload."""
+    import time
+
+    from deployments.aligner import Aligner
+    from deployments.backends.pocketsphinx import PocketSphinxBackend
+    from serve_app.settings import AlignerOptions, GraphArgs
+
+    aligner = Aligner.func_or_class(GraphArgs(backend="pocketsphinx"), backend=PocketSphinxBackend())
+    aligner.reconfigure(AlignerOptions().model_dump())
+    now = time.monotonic()
+    aligner._running, aligner._waiting_since = 1, {object(): now - 3.0}  # one long batch in progress
+    load = await aligner.load()
+    assert (load["aligner_ongoing"], load["aligner_queued"], load["batch_wait_s"]) == (1, 1, 0.0)
+    aligner._running, aligner._free_since = 0, now - 0.2  # the batch ended 0.2 s ago; the job still waits
+    assert (await aligner.load())["batch_wait_s"] == pytest.approx(0.2, abs=0.1)

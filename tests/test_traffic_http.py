@@ -378,3 +378,21 @@ def test_an_idle_aligner_reports_no_batch_wait(client):
     load = aligner.load.remote().result()
     assert (load["aligner_ongoing"], load["aligner_queued"]) == (0, 0)
     assert load["batch_wait_s"] == pytest.approx(0.0)
+
+
+def test_a_long_alignment_in_progress_sheds_no_one(serve_url, redis_server, client):
+    """Issue 10, point 12. PocketSphinx holds the GIL while it aligns, so the aligner answers the
+    shedder's load probe late during a long file. A late probe once read as full load: the next
+    request was shed, premium or not, even a lone client's right after its own long file.
+    Default shedding thresholds (the "aligner" app), so only a real measurement could shed here."""
+    with session(serve_url, _new_key(redis_server, "standard")) as standard:
+        with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+            long_file = pool.submit(post_align, client, tone_wav(60.0), " ".join(["hello"] * 60))
+            probes = []
+            while not long_file.done():
+                probes.append(gate_probe(standard))
+                time.sleep(0.2)
+        probes += [gate_probe(standard) for _ in range(3)]  # a sequential client's next requests
+    assert long_file.result().status_code in (200, 422), long_file.result().text  # it ran to the end
+    assert len(probes) > 5  # the long file really kept the aligner busy meanwhile
+    assert [response.status_code for response in probes] == [PASSED_GATE] * len(probes), [r.text for r in probes if r.status_code != PASSED_GATE]

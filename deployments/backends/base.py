@@ -4,12 +4,17 @@ A backend turns decoded audio plus a sequence of alignment *units* (normalised w
 characters) into a start/end time per unit. It knows nothing of HTTP, of Serve or of the caller's
 original spelling: the ingress maps unit timings back to the caller's words
 (`serve_app.text.timing`).
+
+Failure policy: every job gets its own outcome, and a backend tells the two kinds of failure apart.
+`AlignmentFailed`: this input cannot be aligned (the caller's problem, a 422). `BackendFailed`: we
+failed on it (an exception, out of memory; a 503 when a retry may succeed, else a 500). A backend
+never lets one job's exception fail the other jobs of its batch.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import Protocol, Sequence, Union
 
 import numpy as np
 
@@ -48,6 +53,26 @@ class AlignmentFailed(Exception):
 
 
 @dataclass(frozen=True)
+class BackendFailed:
+    """The backend failed on one job: our failure, not the input's (the ingress answers 5xx).
+
+    Only the exception's class travels: messages can quote input and never reach logs or clients.
+    """
+
+    error_type: str  # the exception's class name, for logs and metrics
+    transient: bool  # out of memory: a retry (in a smaller batch, later) may succeed -> 503, else 500
+
+    @classmethod
+    def from_error(cls, error: BaseException) -> "BackendFailed":
+        # torch.OutOfMemoryError (CUDA) by name, so this module never imports torch.
+        transient = isinstance(error, MemoryError) or type(error).__name__ == "OutOfMemoryError"
+        return cls(type(error).__name__, transient)
+
+
+JobOutcome = Union[list[UnitTiming], AlignmentFailed, BackendFailed]
+
+
+@dataclass(frozen=True)
 class BackendInfo:
     """What the ingress and /v1/ready need to know about the loaded backend."""
 
@@ -60,7 +85,7 @@ class BackendInfo:
 class AlignerBackend(Protocol):
     info: BackendInfo
 
-    def align_batch(self, jobs: Sequence[AlignmentJob]) -> list[list[UnitTiming] | AlignmentFailed]:
+    def align_batch(self, jobs: Sequence[AlignmentJob]) -> list[JobOutcome]:
         """Align every job; one entry per job, in order: its unit timings or why it failed.
 
         Blocking (CPU/GPU bound): the Aligner deployment calls it off the event loop.

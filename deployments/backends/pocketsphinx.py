@@ -15,8 +15,9 @@ path even then.
 Failure behaviour: a job that cannot be aligned comes back as `AlignmentFailed` with reason
 `unsupported-language`, `audio-too-long`, `unpronounceable-unit` (no Latin letter or digit in a
 unit) or `no-alignment-found` (the transcript cannot be fitted to the audio, e.g. far too many words
-for its length); details carry counts and positions, never transcript text. Other exceptions are
-bugs and propagate.
+for its length); details carry counts and positions, never transcript text. Any other exception
+is our failure on that job alone: it comes back as `BackendFailed` and the batch's other jobs are
+still aligned.
 """
 
 from __future__ import annotations
@@ -30,7 +31,15 @@ from importlib.metadata import version
 import numpy as np
 from pocketsphinx import Decoder
 
-from deployments.backends.base import SAMPLE_RATE, AlignmentFailed, AlignmentJob, BackendInfo, UnitTiming
+from deployments.backends.base import (
+    SAMPLE_RATE,
+    AlignmentFailed,
+    AlignmentJob,
+    BackendFailed,
+    BackendInfo,
+    JobOutcome,
+    UnitTiming,
+)
 from deployments.backends.english_pronunciation import NeuralG2P, Pronunciation, UnitPronouncer
 
 logger = logging.getLogger("ray.serve")
@@ -121,13 +130,16 @@ class PocketSphinxBackend:
             max_audio_seconds=max_audio_seconds,
         )
 
-    def align_batch(self, jobs: Sequence[AlignmentJob]) -> list[list[UnitTiming] | AlignmentFailed]:
-        results: list[list[UnitTiming] | AlignmentFailed] = []
+    def align_batch(self, jobs: Sequence[AlignmentJob]) -> list[JobOutcome]:
+        results: list[JobOutcome] = []
         for job in jobs:
             try:
                 results.append(self._align(job))
             except AlignmentFailed as failure:
                 results.append(failure)
+            except Exception as error:  # a bug or a resource failure on this job: it alone fails
+                logger.warning("pocketsphinx failed on one job: %s", type(error).__name__)
+                results.append(BackendFailed.from_error(error))
         return results
 
     def _align(self, job: AlignmentJob) -> list[UnitTiming]:

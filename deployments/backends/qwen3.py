@@ -19,7 +19,8 @@ Per-job outcomes, never a failed batch:
   batch, so accepting them would make results depend on batching.
 - no unit survives qwen_asr's text cleaning -> AlignmentFailed("no-alignment-found").
 - the batched call raises -> every job is retried alone, so one bad job fails alone with
-  AlignmentFailed("alignment-error") and the others still get their timings.
+  `BackendFailed` (our failure: 500, or 503 for CUDA out of memory, whose retry in a smaller batch
+  may succeed) and the others still get their timings.
 Timings are passed on as the model gives them (80 ms grid, not clamped to the audio length): the
 ingress clamps and maps units back to the caller's words. qwen_asr may re-split units (Japanese,
 Korean), so the count can differ from `len(job.units)`; the order is the spoken order.
@@ -35,7 +36,15 @@ from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
-from deployments.backends.base import SAMPLE_RATE, AlignmentFailed, AlignmentJob, BackendInfo, UnitTiming
+from deployments.backends.base import (
+    SAMPLE_RATE,
+    AlignmentFailed,
+    AlignmentJob,
+    BackendFailed,
+    BackendInfo,
+    JobOutcome,
+    UnitTiming,
+)
 from serve_app.api.languages import LANGUAGES
 
 if TYPE_CHECKING:
@@ -85,7 +94,7 @@ class Qwen3Backend:
             max_audio_seconds=max_audio_seconds,
         )
 
-    def align_batch(self, jobs: Sequence[AlignmentJob]) -> list[list[UnitTiming] | AlignmentFailed]:
+    def align_batch(self, jobs: Sequence[AlignmentJob]) -> list[JobOutcome]:
         rejections = [self._reject(job) for job in jobs]
         accepted = [job for job, rejection in zip(jobs, rejections) if rejection is None]
         aligned = iter(self._align_accepted(accepted))
@@ -107,7 +116,7 @@ class Qwen3Backend:
             )
         return None
 
-    def _align_accepted(self, jobs: list[AlignmentJob]) -> list[list[UnitTiming] | AlignmentFailed]:
+    def _align_accepted(self, jobs: list[AlignmentJob]) -> list[JobOutcome]:
         if not jobs:
             return []
         try:
@@ -120,7 +129,7 @@ class Qwen3Backend:
             )
             return [self._align_alone(job) for job in jobs]
 
-    def _align_alone(self, job: AlignmentJob) -> list[UnitTiming] | AlignmentFailed:
+    def _align_alone(self, job: AlignmentJob) -> JobOutcome:
         try:
             return _timings(self._call_model([job])[0])
         except Exception as error:
@@ -191,7 +200,7 @@ def _timings(result: ForcedAlignResult) -> list[UnitTiming] | AlignmentFailed:
     return timings
 
 
-def _model_failure(error: Exception) -> AlignmentFailed:
+def _model_failure(error: Exception) -> BackendFailed:
     # The type is enough to diagnose; messages can echo input and stay out of logs and responses.
     logger.warning("alignment failed for one job: %s", type(error).__name__)
-    return AlignmentFailed("alignment-error", "the aligner could not process this audio and transcript")
+    return BackendFailed.from_error(error)

@@ -82,19 +82,30 @@ class Gate:
         self.shedder = LoadShedder(options.shedding)
         self.audit = audit
         self._introspection_secret = environment.introspection_client_secret
-        self._oauth = None
+        self._oauth: object = None  # the settings each verifier was built from (None: not yet)
+        self._api_key_bounds: tuple[float, float] | None = None
         self.reconfigure(options)
 
     def reconfigure(self, options: IngressOptions) -> None:
+        """Apply every live setting (the start-only ones say so in serve_app.settings)."""
         self.options = options
-        self.limiter.reconfigure(options.rate_limits)
+        self.limiter.reconfigure(options.rate_limits, unavailable_retry_after_s=options.retry_after_s)
         self.abuse.reconfigure(options.abuse)
         self.shedder.options = options.shedding
-        if options.oauth != self._oauth:  # rebuilding drops the JWKS cache: only when it changed
+        # Each verifier is rebuilt only when its own settings change: rebuilding drops its cache.
+        rebuild = False
+        api_key_bounds = (options.api_key_cache_s, options.api_key_stale_s)
+        if api_key_bounds != self._api_key_bounds:
+            self._api_key_bounds = api_key_bounds
+            self._api_key_verifier = ApiKeyVerifier(self.api_keys, *api_key_bounds)
+            rebuild = True
+        if options.oauth != self._oauth:
             self._oauth = options.oauth
             secret = self._introspection_secret.get_secret_value() if self._introspection_secret else None
-            jwt = JwtVerifier(options.oauth, self.http, secret) if options.oauth.issuers else None
-            self.authenticator = Authenticator(ApiKeyVerifier(self.api_keys, options.api_key_cache_s, options.api_key_stale_s), jwt)
+            self._jwt_verifier = JwtVerifier(options.oauth, self.http, secret) if options.oauth.issuers else None
+            rebuild = True
+        if rebuild:
+            self.authenticator = Authenticator(self._api_key_verifier, self._jwt_verifier)
 
     # -- 1-2: before any credential is looked at ------------------------------------------------
 

@@ -126,8 +126,9 @@ class RateLimiter:
         self._local = ConcurrencyCap(options.local_max_concurrency)
         self.store_health = StoreHealth(logger, "rate limiter")  # .failures: decisions made without Redis
 
-    def reconfigure(self, options: RateLimitOptions) -> None:
+    def reconfigure(self, options: RateLimitOptions, *, unavailable_retry_after_s: int = 5) -> None:
         self._options = options
+        self._unavailable_retry_after_s = unavailable_retry_after_s
         self._local.resize(options.local_max_concurrency)
 
     def local_slot(self) -> AbstractAsyncContextManager[None]:

@@ -13,10 +13,13 @@ From the sample:
   linearly from `shed_above` (priority 0) to `shed_top_priority_above` (priority 10), so premium
   traffic is shed last.
 
-Failure behaviour: a failing or hanging probe is counted (`probe_failures`) and the previous
-sample kept; once the sample is older than `max_sample_age_s` the load is unknown and nothing is
-shed (the per-replica concurrency cap still bounds work). Deterministic given samples and the
-clock, so the policy is tested directly.
+Shed on measured load only. A probe that fails or does not answer within `sample_interval_s`
+is counted (`probe_failures`, and `on_probe_failure` for the metric) and is never turned into a
+reading: a slow probe says the probe is slow, not that the aligner is full (a replica busy with one
+long batch answers late while holding 1 of its 16 slots). The previous measured sample stays in
+force until it is older than `max_sample_age_s`; then the load is unknown and nothing is shed (the
+per-replica concurrency cap and Serve's `max_queued_requests` still bound the work). Deterministic
+given samples and the clock, so the policy is tested directly.
 """
 
 from __future__ import annotations
@@ -84,16 +87,21 @@ class LoadShedder:
         self.shed_count += 1
         return True
 
-    async def run(self, probe: Callable[[], Awaitable[LoadSample]]) -> None:
-        """Sample forever (until cancelled); the ingress owns the task."""
-        interval_s = self.options.sample_interval_s
+    async def run(
+        self,
+        probe: Callable[[], Awaitable[LoadSample]],
+        on_probe_failure: Callable[[str], None] = lambda error_type: None,
+    ) -> None:
+        """Sample forever (until cancelled); the ingress owns the task and counts failures in a metric."""
         while True:
+            interval_s = self.options.sample_interval_s  # live: reconfigure() may change it
             try:
                 self.update(await asyncio.wait_for(probe(), timeout=interval_s))
             except asyncio.CancelledError:
                 raise
-            except Exception as error:  # any probe failure: keep the last sample, count, carry on
+            except Exception as error:  # timeout or any probe error: a signal to count, never a reading
                 self.probe_failures += 1
+                on_probe_failure(type(error).__name__)
                 logger.warning("load probe failed (%s); %d failures so far", type(error).__name__, self.probe_failures)
             await asyncio.sleep(interval_s)
 

@@ -34,3 +34,13 @@ def revoke_api_key(redis_url: str, pepper: bytes, key_id: str) -> None:
             await redis.aclose()
 
     asyncio.run(revoke())
+
+
+def mistyped(key: str) -> str:
+    """`key` with its last character replaced by a different one, so its checksum fails.
+
+    Never "replace it with x": about 1 key in 62 already ends in x, and the "mistyped" key is then
+    the real one (a test that failed once in ~62 runs).
+    """
+    last = key[-1]
+    return key[:-1] + ("A" if last != "A" else "B")

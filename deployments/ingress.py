@@ -367,7 +367,8 @@ class Ingress:
             self._dependencies = await self._check_dependencies()
             self._dependencies_probed_at = time.monotonic()
             for name, check in self._dependencies.checks.items():
-                metrics.DEPENDENCY_UP.set(1 if check.status == "ready" else 0, tags={"dependency": name})
+                if name != "clamd":  # the Scanner replicas export their own clamd gauge
+                    metrics.DEPENDENCY_UP.set(1 if check.status == "ready" else 0, tags={"dependency": name})
             await asyncio.sleep(_DEPENDENCY_PROBE_INTERVAL_S)
 
     async def _check_dependencies(self) -> DependencyReport:

@@ -7,11 +7,15 @@ is a generator, so a test sees how much of it the app pulled before answering.
 
 from __future__ import annotations
 
+import asyncio
+
 import httpx
 import pytest
 import pytest_asyncio
 
-from deployments.ingress import app
+from ray.serve.exceptions import BackPressureError
+
+from deployments.ingress import Ingress, app
 from serve_app.api.gate import Gate
 from serve_app.security.audit import AuditLog
 from serve_app.settings import Environment, IngressOptions
@@ -138,3 +142,20 @@ def test_openapi_declares_the_credentials_and_documents_admin_bodies():
     assert "413" in create["responses"]
     rotate = spec["paths"]["/v1/admin/keys/{key_id}/rotate"]["post"]
     assert "overlap_hours" in rotate["requestBody"]["content"]["application/json"]["schema"]["properties"]
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    ("error", "named"),
+    [(BackPressureError(num_queued_requests=64, max_queued_requests=64), "BackPressureError"), (RuntimeError("remote traceback ..."), "RuntimeError")],
+)
+async def test_a_dependency_probe_turns_any_exception_into_unavailable(error, named):
+    async def failing_call():
+        raise error
+
+    assert await Ingress.func_or_class._probe(failing_call()) == (None, named)  # never a 500, never the message
+
+
+@pytest.mark.asyncio
+async def test_a_dependency_probe_that_hangs_is_unavailable_after_its_timeout():
+    assert await Ingress.func_or_class._probe(asyncio.sleep(60)) == (None, "Timeout")

@@ -75,7 +75,7 @@ logger = logging.getLogger("ray.serve")
 
 _BACKEND_INFO_TIMEOUT_S = 5.0
 _DEPENDENCY_PROBE_INTERVAL_S = 2.0
-_DEPENDENCY_PROBE_TIMEOUT_S = 2.0
+_DEPENDENCY_PROBE_TIMEOUT_S = 5.0  # a loaded 2-core box answers a scanner call in seconds
 # Older than this, the report no longer describes the dependencies (its task is stuck or dead).
 _DEPENDENCY_REPORT_MAX_AGE_S = 3 * (_DEPENDENCY_PROBE_INTERVAL_S + _DEPENDENCY_PROBE_TIMEOUT_S)
 _PUBLIC_PATHS = frozenset({"/v1/health", "/v1/ready"})
@@ -113,6 +113,11 @@ async def _request_context(request: Request, call_next):
     metrics.REQUESTS.inc(tags={"route": route.path if route else "unmatched", "status": str(response.status_code)})
     metrics.STAGE_SECONDS.observe(time.perf_counter() - started, tags={"stage": "total"})
     return response
+
+
+# Defined before the class: serve.ingress rebuilds the handlers with the module's globals as they are then.
+def _status(failure: str | None) -> DependencyStatus:
+    return DependencyStatus(status="ready") if failure is None else DependencyStatus(status="unavailable", detail=failure)
 
 
 @serve.deployment(
@@ -364,11 +369,14 @@ class Ingress:
     async def _probe_dependencies(self) -> None:
         # Re-set periodically: a Ray gauge disappears from the export ~30 s after its last set().
         while True:
-            self._dependencies = await self._check_dependencies()
-            self._dependencies_probed_at = time.monotonic()
-            for name, check in self._dependencies.checks.items():
-                if name != "clamd":  # the Scanner replicas export their own clamd gauge
-                    metrics.DEPENDENCY_UP.set(1 if check.status == "ready" else 0, tags={"dependency": name})
+            try:
+                self._dependencies = await self._check_dependencies()
+                self._dependencies_probed_at = time.monotonic()
+                for name, check in self._dependencies.checks.items():
+                    if name != "clamd":  # the Scanner replicas export their own clamd gauge
+                        metrics.DEPENDENCY_UP.set(1 if check.status == "ready" else 0, tags={"dependency": name})
+            except Exception as error:  # a dead task would leave /v1/ready unavailable for good: log, go on
+                logger.error("dependency probe failed: %s", type(error).__name__)
             await asyncio.sleep(_DEPENDENCY_PROBE_INTERVAL_S)
 
     async def _check_dependencies(self) -> DependencyReport:
@@ -406,6 +414,3 @@ class Ingress:
         except Exception as error:  # the message of a remote error is a traceback: keep the type only
             return None, type(error).__name__
 
-
-def _status(failure: str | None) -> DependencyStatus:
-    return DependencyStatus(status="ready") if failure is None else DependencyStatus(status="unavailable", detail=failure)

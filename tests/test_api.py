@@ -64,9 +64,9 @@ def wait_for_readiness(client, prefix: str, status: int, timeout_s: float = 30):
 @pytest.mark.parametrize(("prefix", "backend"), [("", "pocketsphinx"), ("/qwen3", "qwen3")])
 def test_ready_is_open_and_the_dependency_report_names_the_loaded_backend(anonymous, admin_key, prefix, backend):
     response = wait_for_readiness(anonymous, prefix, 200)
-    assert response.status_code == 200
-    assert response.json() == {"status": "ready"}  # nothing more for a load balancer
     report = anonymous.get(f"{prefix}/v1/admin/dependencies", headers={"Authorization": f"Bearer {admin_key}"})
+    assert response.status_code == 200, report.text
+    assert response.json() == {"status": "ready"}  # nothing more for a load balancer
     assert report.status_code == 200, report.text
     body = report.json()
     assert body["status"] == "ready"

@@ -93,10 +93,14 @@ def gigabyte_without_credential(url: str, path: str, chunked: bool, limit_s: flo
     return int(status_line.split(b" ", 2)[1]), elapsed
 
 
-def timed_align(client: httpx.Client, audio: bytes) -> float:
+def timed_align(client: httpx.Client, audio: bytes, refused: dict[int, int] | None = None) -> float:
+    """Seconds of one alignment; a refusal is counted in `refused` (or raised when it is None)."""
     started = time.perf_counter()
     response = client.post("/v1/align", files={"audio": ("clip.wav", audio)}, data={"text": TRANSCRIPT})
-    response.raise_for_status()
+    if response.status_code != 200:
+        if refused is None:
+            response.raise_for_status()
+        refused[response.status_code] = refused.get(response.status_code, 0) + 1
     return time.perf_counter() - started
 
 
@@ -117,18 +121,19 @@ async def flood_ready(url: str, stop_at: float) -> dict[int, int]:
     return statuses
 
 
-def align_p50_during_ready_flood(url: str, key: str, audio: bytes) -> tuple[float, dict[int, int]]:
+def align_p50_during_ready_flood(url: str, key: str, audio: bytes) -> tuple[float, dict[int, int], dict[int, int]]:
     stop_at = time.monotonic() + READY_SECONDS
     result: dict[str, dict[int, int]] = {}
     flood = threading.Thread(target=lambda: result.update(statuses=asyncio.run(flood_ready(url, stop_at))))
     flood.start()
     time.sleep(1.0)  # let all 200 clients connect
     latencies = []
+    refused: dict[int, int] = {}
     with httpx.Client(base_url=url, timeout=120, headers={"Authorization": f"Bearer {key}"}) as client:
         while time.monotonic() < stop_at - 0.5 and len(latencies) < 100:
-            latencies.append(timed_align(client, audio))
+            latencies.append(timed_align(client, audio, refused))
     flood.join(READY_SECONDS + 60)
-    return statistics.median(latencies), result["statuses"]
+    return statistics.median(latencies), result["statuses"], refused
 
 
 def summary(values: list[float], unit: str, scale: float = 1.0) -> str:
@@ -177,10 +182,10 @@ def main() -> None:
     for _ in range(arguments.repetitions):
         with httpx.Client(base_url=url, timeout=120, headers={"Authorization": f"Bearer {key}"}) as client:
             idle = statistics.median(timed_align(client, audio) for _ in range(ALIGN_SAMPLES))
-        loaded, statuses = align_p50_during_ready_flood(url, key, audio)
+        loaded, statuses, refused = align_p50_during_ready_flood(url, key, audio)
         server_errors = sum(count for status, count in statuses.items() if status == 0 or status >= 500)
         ratios.append(loaded / idle)
-        print(f"idle p50 {idle * 1000:.0f} ms, during flood {loaded * 1000:.0f} ms ({loaded / idle:.2f}x); /v1/ready answers {dict(sorted(statuses.items()))}, 5xx/none {server_errors}")
+        print(f"idle p50 {idle * 1000:.0f} ms, during flood {loaded * 1000:.0f} ms ({loaded / idle:.2f}x); /v1/ready answers {dict(sorted(statuses.items()))}, 5xx/none {server_errors}; align refusals {refused}")
     print(f"align p50 ratio {summary(ratios, 'x')} (target <= {TARGET_ALIGN_RATIO}): {'PASS' if statistics.median(ratios) <= TARGET_ALIGN_RATIO else 'FAIL'}")
 
 

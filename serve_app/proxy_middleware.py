@@ -15,6 +15,9 @@ request-id middleware inside these, so what they put in the scope is what Serve 
   takes at most MAX_JSON_BODY_BYTES. A larger declared Content-Length is answered 413 here, without
   a deployment call; a chunked body is counted and cut off (413) once it passes the cap, so no
   deployment is ever handed more.
+- ReadinessCache: GET /v1/ready answers (under any route prefix) are reused for
+  READINESS_CACHE_S, with one call in flight per path, so a flood of load-balancer probes costs the
+  Ingress deployment at most one call per second instead of taking its slots (and Serve's queue).
 - ProxyErrorsAsProblems: errors Serve's proxy produces itself (404 for no application, the 408 at
   `request_timeout_s`, 500, 503 on back-pressure) are plain text; they are rewritten into problem
   documents, keeping their status and Retry-After. Errors uvicorn emits before ASGI runs (a
@@ -27,9 +30,12 @@ is never rewritten.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
+import time
 import uuid
+from dataclasses import dataclass
 
 from starlette.middleware import Middleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -41,6 +47,8 @@ CLIENT_CONTROLLED_HEADERS = frozenset({b"x-request-timeout-seconds", b"x-request
 REQUEST_ID_HEADER = b"x-request-id"
 _SAFE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 UPLOAD_PATH_SUFFIX = "/v1/align"  # under any route prefix
+READINESS_PATH_SUFFIX = "/v1/ready"
+READINESS_CACHE_S = 1.0
 
 # Statuses Serve's proxy answers on its own, and the problem each becomes.
 _PROXY_ERROR_SLUGS = {404: "not-found", 408: "request-timeout", 500: "internal-error", 503: "service-unavailable"}
@@ -145,6 +153,57 @@ class BodyCap:
             await send_problem(send, too_large, request_id_of(scope))
 
 
+@dataclass(frozen=True)
+class _Answer:
+    status: int
+    headers: list[tuple[bytes, bytes]]
+    body: bytes
+    at: float
+
+
+class ReadinessCache:
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+        self._answers: dict[str, _Answer] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope.get("path", "")
+        if scope["type"] != "http" or scope["method"] != "GET" or not path.endswith(READINESS_PATH_SUFFIX):
+            await self.app(scope, receive, send)
+            return
+        answer = self._fresh(path)
+        if answer is None:
+            async with self._locks.setdefault(path, asyncio.Lock()):  # one call in flight; the rest reuse it
+                answer = self._fresh(path) or await self._ask(path, scope, receive)
+        headers = [(name, value) for name, value in answer.headers if name.lower() not in (REQUEST_ID_HEADER, b"content-length")]
+        headers += [(b"content-length", str(len(answer.body)).encode()), (REQUEST_ID_HEADER, (request_id_of(scope) or "").encode())]
+        await send({"type": "http.response.start", "status": answer.status, "headers": headers})
+        await send({"type": "http.response.body", "body": answer.body})
+
+    def _fresh(self, path: str) -> _Answer | None:
+        answer = self._answers.get(path)
+        return answer if answer is not None and time.monotonic() - answer.at < READINESS_CACHE_S else None
+
+    async def _ask(self, path: str, scope: Scope, receive: Receive) -> _Answer:
+        start: Message = {}
+        body = bytearray()
+
+        async def collect(message: Message) -> None:
+            nonlocal start
+            if message["type"] == "http.response.start":
+                start = message
+            elif message["type"] == "http.response.body":
+                body.extend(message.get("body", b""))
+
+        await self.app(scope, receive, collect)
+        answer = _Answer(start.get("status", 503), list(start.get("headers", [])), bytes(body), time.monotonic())
+        content_type = dict(answer.headers).get(b"content-type", b"")
+        if answer.status in (200, 503) and content_type == b"application/json":  # the ingress's Readiness only, never a failed call
+            self._answers[path] = answer
+        return answer
+
+
 class ProxyErrorsAsProblems:
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -180,4 +239,10 @@ class ProxyErrorsAsProblems:
 
 def proxy_middlewares() -> list[Middleware]:
     # Serve wraps them in list order, so the last is outermost: the id is safe before anything answers.
-    return [Middleware(StripClientControlledHeaders), Middleware(ProxyErrorsAsProblems), Middleware(BodyCap), Middleware(SafeRequestId)]
+    return [
+        Middleware(StripClientControlledHeaders),
+        Middleware(ProxyErrorsAsProblems),
+        Middleware(ReadinessCache),
+        Middleware(BodyCap),
+        Middleware(SafeRequestId),
+    ]

@@ -146,3 +146,30 @@ async def test_the_ingress_problems_and_successes_pass_untouched():
     async with client(Deployment()) as proxy:
         response = await proxy.get("/v1/health")
     assert response.status_code == 200 and response.text == "ok"
+
+
+def readiness(request_id):
+    return [
+        {"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]},
+        {"type": "http.response.body", "body": b'{"status":"ready"}'},
+    ]
+
+
+@pytest.mark.asyncio
+async def test_a_flood_of_readiness_probes_costs_the_ingress_one_call():
+    deployment = Deployment(readiness)
+    async with client(deployment) as proxy:
+        answers = await asyncio.gather(*(proxy.get("/qwen3/v1/ready") for _ in range(50)))
+    assert [answer.status_code for answer in answers] == [200] * 50
+    assert {answer.json()["status"] for answer in answers} == {"ready"}
+    assert deployment.calls == 1
+    assert len({answer.headers["x-request-id"] for answer in answers}) == 50  # each answer keeps its own id
+
+
+@pytest.mark.asyncio
+async def test_a_failed_readiness_call_is_not_reused():
+    deployment = Deployment(serve_error(BackPressureError(num_queued_requests=64, max_queued_requests=64)))
+    async with client(deployment) as proxy:
+        for _ in range(3):
+            assert_problem(await proxy.get("/v1/ready"), 503, "service-unavailable")
+    assert deployment.calls == 3

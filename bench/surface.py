@@ -181,11 +181,12 @@ def main() -> None:
     ratios: list[float] = []
     for _ in range(arguments.repetitions):
         with httpx.Client(base_url=url, timeout=120, headers={"Authorization": f"Bearer {key}"}) as client:
-            idle = statistics.median(timed_align(client, audio) for _ in range(ALIGN_SAMPLES))
+            idle_refused: dict[int, int] = {}
+            idle = statistics.median([timed_align(client, audio, idle_refused) for _ in range(ALIGN_SAMPLES)])
         loaded, statuses, refused = align_p50_during_ready_flood(url, key, audio)
         server_errors = sum(count for status, count in statuses.items() if status == 0 or status >= 500)
         ratios.append(loaded / idle)
-        print(f"idle p50 {idle * 1000:.0f} ms, during flood {loaded * 1000:.0f} ms ({loaded / idle:.2f}x); /v1/ready answers {dict(sorted(statuses.items()))}, 5xx/none {server_errors}; align refusals {refused}")
+        print(f"idle p50 {idle * 1000:.0f} ms, during flood {loaded * 1000:.0f} ms ({loaded / idle:.2f}x); /v1/ready answers {dict(sorted(statuses.items()))}, 5xx/none {server_errors}; align refusals {refused} (idle: {idle_refused})")
     print(f"align p50 ratio {summary(ratios, 'x')} (target <= {TARGET_ALIGN_RATIO}): {'PASS' if statistics.median(ratios) <= TARGET_ALIGN_RATIO else 'FAIL'}")
 
 

@@ -229,8 +229,8 @@ class ProxyErrorsAsProblems:
     def _problem_for(start: Message) -> Problem | None:
         status = start["status"]
         headers = {name.lower(): value for name, value in start.get("headers", [])}
-        if status not in _PROXY_ERROR_SLUGS or headers.get(b"content-type", b"").startswith(PROBLEM_MEDIA_TYPE.encode()):
-            return None  # a success, or an answer the ingress already wrote as a problem
+        if status not in _PROXY_ERROR_SLUGS or not headers.get(b"content-type", b"text/plain").startswith(b"text/plain"):
+            return None  # Serve's own answers are plain text; the ingress answers errors as JSON (problems, readiness)
         kept = {}
         if status == 503:
             kept["Retry-After"] = headers.get(b"retry-after", _DEFAULT_RETRY_AFTER_S.encode()).decode("latin-1")

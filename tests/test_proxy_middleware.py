@@ -173,3 +173,14 @@ async def test_a_failed_readiness_call_is_not_reused():
         for _ in range(3):
             assert_problem(await proxy.get("/v1/ready"), 503, "service-unavailable")
     assert deployment.calls == 3
+
+
+@pytest.mark.asyncio
+async def test_the_ingress_json_503_readiness_passes_untouched():
+    answer = [
+        {"type": "http.response.start", "status": 503, "headers": [(b"content-type", b"application/json")]},
+        {"type": "http.response.body", "body": b'{"status":"unavailable"}'},
+    ]
+    async with client(Deployment(lambda request_id: answer)) as proxy:
+        response = await proxy.get("/v1/ready")
+    assert response.status_code == 503 and response.json() == {"status": "unavailable"}

@@ -76,7 +76,7 @@ $(DEV_KEY): | $(PEPPER) services
 serve: venv system-deps sample $(PEPPER) services $(DEV_KEY)
 	@echo
 	@echo "  Starting the API on http://127.0.0.1:8000 (ready in ~30 s). Try:"
-	@echo "    curl -s -H \"Authorization: Bearer $$(cat $(DEV_KEY))\" -F audio=@$(SAMPLE) -F 'text=$(SAMPLE_TEXT)' http://127.0.0.1:8000/v1/align"
+	@echo "    curl -s -H \"Authorization: Bearer \$$(cat $(DEV_KEY))\" -F audio=@$(SAMPLE) -F 'text=$(SAMPLE_TEXT)' http://127.0.0.1:8000/v1/align"
 	@echo "  Docs: http://127.0.0.1:8000/v1/docs   Readiness: http://127.0.0.1:8000/v1/ready   Ray dashboard: http://127.0.0.1:8265"
 	@echo "  Local dev key (align + admin) in $(DEV_KEY); Redis and clamd keep running: make stop-services"
 	@echo

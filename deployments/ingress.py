@@ -16,13 +16,19 @@ slow answers 503 with Retry-After; a job the aligner's backend failed on answers
 memory: a retry may succeed) or 500 (no traceback), never the 422 of an input that cannot be aligned; clamd down answers 503 (fail closed); Redis down fails closed for
 authentication and open for rate limits (serve_app.api.gate); bad input answers a 4xx problem;
 nothing answers a traceback.
+
+Health: /v1/health is liveness (this replica answers), /v1/ready is readiness for a load balancer
+(ready/unavailable only), both open and free: /v1/ready answers from a report a background task
+refreshes every few seconds (scanner + clamd, aligner, Redis), so no request to it ever calls a
+dependency. A report that is missing or stale reads as unavailable. The report itself, with which
+dependency failed and how, is GET /v1/admin/dependencies (admin scope) and the
+aligner_dependency_up gauges.
 """
 
 # No `from __future__ import annotations`: FastAPI must resolve the handlers' annotations at runtime.
 
 import asyncio
 import logging
-import re
 import time
 import uuid
 
@@ -30,13 +36,13 @@ import numpy as np
 from fastapi import Depends, FastAPI, Request, Response
 from fastapi.responses import JSONResponse, PlainTextResponse
 from ray import serve
-from ray.exceptions import RayError
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
 from deployments.backends.base import AlignmentFailed, AlignmentJob, BackendFailed, BackendInfo, JobOutcome, UnitTiming
 from serve_app import metrics
 from serve_app.api import admin, formats
+from serve_app.api.openapi_security import with_security_schemes
 from serve_app.api.dependencies import authorized
 from serve_app.api.formats import OutputFormat
 from serve_app.api.gate import Caller, Gate
@@ -45,6 +51,7 @@ from serve_app.api.models import (
     ALIGN_REQUEST_BODY,
     AlignForm,
     AlignResponse,
+    DependencyReport,
     DependencyStatus,
     Health,
     Readiness,
@@ -53,6 +60,7 @@ from serve_app.api.models import (
 )
 from serve_app.api.problems import PROBLEM_TYPES, Problem, install_problem_handlers, unavailable
 from serve_app.api.upload import UploadLimits, read_align_form
+from serve_app.proxy_middleware import is_safe_request_id
 from serve_app.media import DecodedAudio
 from serve_app.media.inspect import Rejection, ScanUnavailable
 from serve_app.security.audit import AuditLog
@@ -65,9 +73,12 @@ from serve_app.text.transcript import Transcript, TranscriptRejected, check_plau
 
 logger = logging.getLogger("ray.serve")
 
-_SAFE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
-_READY_TIMEOUT_S = 5.0
-_DEPENDENCY_PROBE_INTERVAL_S = 5.0
+_BACKEND_INFO_TIMEOUT_S = 5.0
+_DEPENDENCY_PROBE_INTERVAL_S = 2.0
+_DEPENDENCY_PROBE_TIMEOUT_S = 5.0  # a loaded 2-core box answers a scanner call in seconds
+# Older than this, the report no longer describes the dependencies (its task is stuck or dead).
+_DEPENDENCY_REPORT_MAX_AGE_S = 3 * (_DEPENDENCY_PROBE_INTERVAL_S + _DEPENDENCY_PROBE_TIMEOUT_S)
+_PUBLIC_PATHS = frozenset({"/v1/health", "/v1/ready"})
 _MIN_AUDIO_SECONDS = 0.1  # shorter holds no alignable word (Qwen3's time grid is 80 ms)
 
 
@@ -103,17 +114,19 @@ app = FastAPI(
     docs_url="/v1/docs",
     redoc_url=None,
     swagger_ui_oauth2_redirect_url=None,
+    redirect_slashes=False,  # its 307 built Location from the client's Host header: /v1/align/ is a 404
 )
+app.openapi = with_security_schemes(app, _PUBLIC_PATHS)
 install_problem_handlers(app)
 app.include_router(admin.router)
 
 
 @app.middleware("http")
 async def _request_context(request: Request, call_next):
-    # Serve's proxy puts an x-request-id on every request (the client's or a generated one). Only a
-    # well-formed id is echoed in bodies, so a client cannot inject text into our documents or logs.
+    # The proxy middleware replaced an unsafe client id before Serve read it, so this is the id of
+    # Serve's logs and the response header; the check only matters without that middleware.
     supplied = request.headers.get("x-request-id", "")
-    request.state.request_id = supplied if _SAFE_REQUEST_ID.match(supplied) else uuid.uuid4().hex
+    request.state.request_id = supplied if is_safe_request_id(supplied) else uuid.uuid4().hex
     started = time.perf_counter()
     response = await call_next(request)
     caller: Caller | None = getattr(request.state, "caller", None)
@@ -123,6 +136,11 @@ async def _request_context(request: Request, call_next):
     metrics.REQUESTS.inc(tags={"route": route.path_format if route else "unmatched", "status": str(response.status_code)})
     metrics.STAGE_SECONDS.observe(time.perf_counter() - started, tags={"stage": "total"})
     return response
+
+
+# Defined before the class: serve.ingress rebuilds the handlers with the module's globals as they are then.
+def _status(failure: str | None) -> DependencyStatus:
+    return DependencyStatus(status="ready") if failure is None else DependencyStatus(status="unavailable", detail=failure)
 
 
 @serve.deployment(
@@ -144,6 +162,8 @@ class Ingress:
         self._gate: Gate | None = None
         self._backend: BackendInfo | None = None  # fetched from the aligner once, then cached
         self._background: list[asyncio.Task] = []
+        self._dependencies: DependencyReport | None = None  # refreshed by _probe_dependencies
+        self._dependencies_probed_at = 0.0  # time.monotonic() of that report
 
     async def reconfigure(self, user_config: dict) -> None:
         self._options = IngressOptions.model_validate(user_config)
@@ -219,30 +239,35 @@ class Ingress:
     async def health(self) -> Health:
         return Health(status="ok")
 
-    @app.get("/v1/ready", response_model=Readiness, summary="Readiness of each dependency", responses={503: {"model": Readiness}})
+    @app.get(
+        "/v1/ready",
+        response_model=Readiness,
+        summary="Readiness, for load balancers (details: GET /v1/admin/dependencies)",
+        responses={503: {"model": Readiness}},
+    )
     async def ready(self) -> JSONResponse:
-        checks: dict[str, DependencyStatus] = {}
-        backend: BackendInfo | None = None
-        try:
-            clamd_up = await asyncio.wait_for(self._scanner.ready.remote(), _READY_TIMEOUT_S)
-            checks["scanner"] = DependencyStatus(status="ready")
-            checks["clamd"] = DependencyStatus(status="ready" if clamd_up else "unavailable")
-        except (RayError, asyncio.TimeoutError) as error:
-            checks["scanner"] = DependencyStatus(status="unavailable", detail=type(error).__name__)
-        try:
-            backend = await asyncio.wait_for(self._aligner.info.remote(), _READY_TIMEOUT_S)
-            checks["aligner"] = DependencyStatus(status="ready")
-        except (RayError, asyncio.TimeoutError) as error:
-            checks["aligner"] = DependencyStatus(status="unavailable", detail=type(error).__name__)
-        checks["redis"] = DependencyStatus(status="ready" if await self._redis_answers() else "unavailable")
-        ready = all(check.status == "ready" for check in checks.values())
-        body = Readiness(
-            status="ready" if ready else "unavailable",
-            backend=backend.name if backend else None,
-            model=backend.model if backend else None,
-            checks=checks,
-        )
+        report = self._fresh_dependencies()
+        ready = report is not None and report.status == "ready"
+        body = Readiness(status="ready" if ready else "unavailable")
         return JSONResponse(body.model_dump(), status_code=200 if ready else 503)
+
+    @app.get(
+        "/v1/admin/dependencies",
+        response_model=DependencyReport,
+        tags=["admin"],
+        summary="Each dependency's state at the last background probe",
+        responses=problem_responses(401, 403, 429, 503),
+    )
+    async def dependencies(self, caller: Caller = Depends(authorized("admin"))) -> DependencyReport:
+        report = self._fresh_dependencies()
+        if report is None:
+            raise unavailable("no recent dependency probe; retry later", self._options.retry_after_s)
+        return report.model_copy(update={"age_s": round(time.monotonic() - self._dependencies_probed_at, 3)})
+
+    def _fresh_dependencies(self) -> DependencyReport | None:
+        if time.monotonic() - self._dependencies_probed_at > _DEPENDENCY_REPORT_MAX_AGE_S:
+            return None
+        return self._dependencies
 
     # -- steps of the request path -------------------------------------------------------------
 
@@ -262,7 +287,7 @@ class Ingress:
 
     async def _backend_info(self, options: IngressOptions) -> BackendInfo:
         if self._backend is None:
-            self._backend = await self._downstream(self._aligner.info.remote(), "aligner", _READY_TIMEOUT_S, options)
+            self._backend = await self._downstream(self._aligner.info.remote(), "aligner", _BACKEND_INFO_TIMEOUT_S, options)
         return self._backend
 
     async def _scan(self, form: AlignForm, caller: Caller, options: IngressOptions) -> DecodedAudio:
@@ -363,14 +388,51 @@ class Ingress:
         aligner, scanner = await asyncio.gather(self._aligner.load.remote(), self._scanner.load.remote())
         return LoadSample(**aligner, **scanner)
 
-    async def _redis_answers(self) -> bool:
-        try:
-            return bool(await self._gate.redis.ping())
-        except Exception:  # any client error means "not answering"; the type is all we need
-            return False
-
     async def _probe_dependencies(self) -> None:
         # Re-set periodically: a Ray gauge disappears from the export ~30 s after its last set().
         while True:
-            metrics.DEPENDENCY_UP.set(1 if await self._redis_answers() else 0, tags={"dependency": "redis"})
+            try:
+                self._dependencies = await self._check_dependencies()
+                self._dependencies_probed_at = time.monotonic()
+                for name, check in self._dependencies.checks.items():
+                    if name != "clamd":  # the Scanner replicas export their own clamd gauge
+                        metrics.DEPENDENCY_UP.set(1 if check.status == "ready" else 0, tags={"dependency": name})
+            except Exception as error:  # a dead task would leave /v1/ready unavailable for good: log, go on
+                logger.error("dependency probe failed: %s", type(error).__name__)
             await asyncio.sleep(_DEPENDENCY_PROBE_INTERVAL_S)
+
+    async def _check_dependencies(self) -> DependencyReport:
+        scanner, aligner, redis = await asyncio.gather(
+            self._probe(self._scanner.ready.remote()), self._probe(self._aligner.info.remote()), self._probe(self._gate.redis.ping())
+        )
+        clamd_up, scanner_failure = scanner
+        backend, aligner_failure = aligner
+        redis_up, redis_failure = redis
+        checks = {
+            "scanner": _status(scanner_failure),
+            "aligner": _status(aligner_failure),
+            "redis": _status(redis_failure or (None if redis_up else "no PONG")),
+        }
+        if scanner_failure is None:  # clamd is reached through the scanner
+            checks["clamd"] = _status(None if clamd_up else "not answering")
+        if isinstance(backend, BackendInfo):
+            self._backend = backend
+        return DependencyReport(
+            status="ready" if all(check.status == "ready" for check in checks.values()) and "clamd" in checks else "unavailable",
+            backend=backend.name if isinstance(backend, BackendInfo) else None,
+            model=backend.model if isinstance(backend, BackendInfo) else None,
+            checks=checks,
+        )
+
+    @staticmethod
+    async def _probe(call) -> tuple[object, str | None]:
+        """(result, None), or (None, the failure's type name): any exception, back-pressure and timeouts included."""
+        try:
+            return await asyncio.wait_for(call, _DEPENDENCY_PROBE_TIMEOUT_S), None
+        except asyncio.TimeoutError:
+            if hasattr(call, "cancel"):
+                call.cancel()
+            return None, "Timeout"
+        except Exception as error:  # the message of a remote error is a traceback: keep the type only
+            return None, type(error).__name__
+

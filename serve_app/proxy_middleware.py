@@ -1,20 +1,88 @@
 """ASGI middleware for Serve's HTTP proxy, which runs before any deployment sees the request.
 
-Serve's proxy lets a client choose its own request timeout (`x-request-timeout-seconds`, where 0
-disables it) and turn off disconnect detection (`x-request-disconnect-disabled`). Both are meant for a
-trusted front proxy; from the internet they let a caller hold replicas forever. The proxy reads them
-after its middlewares run, so removing them here leaves the server-side `request_timeout_s` in force.
-
 Installed through Serve's hook: RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH=serve_app.proxy_middleware:proxy_middlewares
-(set by the Makefile, the tests, cluster.yaml and the KubeRay manifest).
+(set by the Makefile, the tests, cluster.yaml and the KubeRay manifest). Serve applies its own
+request-id middleware inside these, so what they put in the scope is what Serve logs and echoes.
+
+- StripClientControlledHeaders: Serve's proxy lets a client choose its own request timeout
+  (`x-request-timeout-seconds`, where 0 disables it) and turn off disconnect detection
+  (`x-request-disconnect-disabled`). Both are meant for a trusted front proxy; from the internet they
+  let a caller hold replicas forever. Removed here, the server-side `request_timeout_s` stays in force.
+- SafeRequestId: a client's `X-Request-Id` is kept only if it is a safe token; otherwise it is
+  replaced by a fresh id before Serve reads it, so the response header, the problem body, the audit
+  log and Serve's logs all carry the same id.
+- BodyCap: every route but the upload (`/v1/align`, capped by the ingress after authentication)
+  takes at most MAX_JSON_BODY_BYTES. A larger declared Content-Length is answered 413 here, without
+  a deployment call; a chunked body is counted and cut off (413) once it passes the cap, so no
+  deployment is ever handed more.
+- ReadinessCache: GET /v1/ready answers (under any route prefix) are reused for
+  READINESS_CACHE_S, with one call in flight per path, so a flood of load-balancer probes costs the
+  Ingress deployment at most one call per second instead of taking its slots (and Serve's queue).
+- ProxyErrorsAsProblems: errors Serve's proxy produces itself (404 for no application, the 408 at
+  `request_timeout_s`, 500, 503 on back-pressure) are plain text; they are rewritten into problem
+  documents, keeping their status and Retry-After. Errors uvicorn emits before ASGI runs (a
+  non-numeric Content-Length, Content-Length with chunked) cannot be reached from here: the front
+  proxy in deploy/ refuses those first (docs/errors.md).
+
+Failure policy: each middleware only removes, replaces or refuses; an answer that already started
+is never rewritten.
 """
 
 from __future__ import annotations
 
+import asyncio
+import json
+import re
+import time
+import uuid
+from dataclasses import dataclass
+
 from starlette.middleware import Middleware
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from serve_app.api.json_body import MAX_JSON_BODY_BYTES
+from serve_app.api.problems import PROBLEM_MEDIA_TYPE, Problem, problem_body
 
 CLIENT_CONTROLLED_HEADERS = frozenset({b"x-request-timeout-seconds", b"x-request-disconnect-disabled"})
+REQUEST_ID_HEADER = b"x-request-id"
+_SAFE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+UPLOAD_PATH_SUFFIX = "/v1/align"  # under any route prefix
+READINESS_PATH_SUFFIX = "/v1/ready"
+READINESS_CACHE_S = 1.0
+
+# Statuses Serve's proxy answers on its own, and the problem each becomes.
+_PROXY_ERROR_SLUGS = {404: "not-found", 408: "request-timeout", 500: "internal-error", 503: "service-unavailable"}
+_PROXY_ERROR_DETAILS = {
+    404: "no such route",
+    408: "the request took longer than the server allows",
+    500: "an internal error occurred",
+    503: "the service is at capacity or unavailable; retry later",
+}
+_DEFAULT_RETRY_AFTER_S = "5"  # Serve's own 503s may carry none; every 503 must (docs/errors.md)
+
+
+def is_safe_request_id(value: str) -> bool:
+    """A request id that may be echoed in headers, bodies and logs as it is."""
+    return bool(_SAFE_REQUEST_ID.match(value))
+
+
+def _header(scope: Scope, name: bytes) -> bytes | None:
+    return next((value for key, value in scope["headers"] if key.lower() == name), None)
+
+
+def request_id_of(scope: Scope) -> str | None:
+    value = _header(scope, REQUEST_ID_HEADER)
+    return value.decode("ascii") if value is not None else None
+
+
+async def send_problem(send: Send, problem: Problem, request_id: str | None) -> None:
+    body = json.dumps(problem_body(problem, request_id)).encode()
+    headers = [(b"content-type", PROBLEM_MEDIA_TYPE.encode()), (b"content-length", str(len(body)).encode())]
+    headers += [(name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in problem.headers.items()]
+    if request_id:
+        headers.append((REQUEST_ID_HEADER, request_id.encode("ascii")))
+    await send({"type": "http.response.start", "status": problem.type.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
 
 
 class StripClientControlledHeaders:
@@ -28,5 +96,153 @@ class StripClientControlledHeaders:
         await self.app(scope, receive, send)
 
 
+class SafeRequestId:
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            supplied = [value for name, value in scope["headers"] if name.lower() == REQUEST_ID_HEADER]
+            if len(supplied) != 1 or not is_safe_request_id(supplied[0].decode("latin-1")):
+                headers = [(name, value) for name, value in scope["headers"] if name.lower() != REQUEST_ID_HEADER]
+                headers.append((REQUEST_ID_HEADER, uuid.uuid4().hex.encode("ascii")))
+                scope = {**scope, "headers": headers}
+        await self.app(scope, receive, send)
+
+
+class BodyCap:
+    def __init__(self, app: ASGIApp, max_bytes: int = MAX_JSON_BODY_BYTES) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"].rstrip("/").endswith(UPLOAD_PATH_SUFFIX):
+            await self.app(scope, receive, send)
+            return
+        too_large = Problem("payload-too-large", f"the request body exceeds {self.max_bytes} bytes (uploads go to /v1/align)")
+        declared = _header(scope, b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            await send_problem(send, too_large, request_id_of(scope))  # no deployment call, no body byte read
+            return
+
+        received = 0
+        cut_off = False
+        response_started = False
+
+        async def counted_receive() -> Message:
+            nonlocal received, cut_off
+            if cut_off:
+                return {"type": "http.disconnect"}
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    cut_off = True  # the deployment sees a disconnect: Serve cancels its call
+                    return {"type": "http.disconnect"}
+            return message
+
+        async def guarded_send(message: Message) -> None:
+            nonlocal response_started
+            if cut_off and not response_started:
+                return  # whatever the cancelled call answered: the client gets the 413 below
+            response_started = response_started or message["type"] == "http.response.start"
+            await send(message)
+
+        await self.app(scope, counted_receive, guarded_send)
+        if cut_off and not response_started:
+            await send_problem(send, too_large, request_id_of(scope))
+
+
+@dataclass(frozen=True)
+class _Answer:
+    status: int
+    headers: list[tuple[bytes, bytes]]
+    body: bytes
+    at: float
+
+
+class ReadinessCache:
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+        self._answers: dict[str, _Answer] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope.get("path", "")
+        if scope["type"] != "http" or scope["method"] != "GET" or not path.endswith(READINESS_PATH_SUFFIX):
+            await self.app(scope, receive, send)
+            return
+        answer = self._fresh(path)
+        if answer is None:
+            async with self._locks.setdefault(path, asyncio.Lock()):  # one call in flight; the rest reuse it
+                answer = self._fresh(path) or await self._ask(path, scope, receive)
+        headers = [(name, value) for name, value in answer.headers if name.lower() not in (REQUEST_ID_HEADER, b"content-length")]
+        headers += [(b"content-length", str(len(answer.body)).encode()), (REQUEST_ID_HEADER, (request_id_of(scope) or "").encode())]
+        await send({"type": "http.response.start", "status": answer.status, "headers": headers})
+        await send({"type": "http.response.body", "body": answer.body})
+
+    def _fresh(self, path: str) -> _Answer | None:
+        answer = self._answers.get(path)
+        return answer if answer is not None and time.monotonic() - answer.at < READINESS_CACHE_S else None
+
+    async def _ask(self, path: str, scope: Scope, receive: Receive) -> _Answer:
+        start: Message = {}
+        body = bytearray()
+
+        async def collect(message: Message) -> None:
+            nonlocal start
+            if message["type"] == "http.response.start":
+                start = message
+            elif message["type"] == "http.response.body":
+                body.extend(message.get("body", b""))
+
+        await self.app(scope, receive, collect)
+        answer = _Answer(start.get("status", 503), list(start.get("headers", [])), bytes(body), time.monotonic())
+        content_type = dict(answer.headers).get(b"content-type", b"")
+        if answer.status in (200, 503) and content_type == b"application/json":  # the ingress's Readiness only, never a failed call
+            self._answers[path] = answer
+        return answer
+
+
+class ProxyErrorsAsProblems:
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        rewriting: Problem | None = None
+
+        async def rewriting_send(message: Message) -> None:
+            nonlocal rewriting
+            if message["type"] == "http.response.start":
+                rewriting = self._problem_for(message)
+            if rewriting is None:
+                await send(message)
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                await send_problem(send, rewriting, request_id_of(scope))  # the plain-text body is dropped
+
+        await self.app(scope, receive, rewriting_send)
+
+    @staticmethod
+    def _problem_for(start: Message) -> Problem | None:
+        status = start["status"]
+        headers = {name.lower(): value for name, value in start.get("headers", [])}
+        if status not in _PROXY_ERROR_SLUGS or not headers.get(b"content-type", b"text/plain").startswith(b"text/plain"):
+            return None  # Serve's own answers are plain text; the ingress answers errors as JSON (problems, readiness)
+        kept = {}
+        if status == 503:
+            kept["Retry-After"] = headers.get(b"retry-after", _DEFAULT_RETRY_AFTER_S.encode()).decode("latin-1")
+        return Problem(_PROXY_ERROR_SLUGS[status], _PROXY_ERROR_DETAILS[status], headers=kept)
+
+
 def proxy_middlewares() -> list[Middleware]:
-    return [Middleware(StripClientControlledHeaders)]
+    # Serve wraps them in list order, so the last is outermost: the id is safe before anything answers.
+    return [
+        Middleware(StripClientControlledHeaders),
+        Middleware(ProxyErrorsAsProblems),
+        Middleware(ReadinessCache),
+        Middleware(BodyCap),
+        Middleware(SafeRequestId),
+    ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import time
 
 import numpy as np
 import pytest
@@ -52,15 +53,26 @@ def test_health(client):
     assert response.json() == {"status": "ok"}
 
 
+def wait_for_readiness(client, prefix: str, status: int, timeout_s: float = 30):
+    """/v1/ready once it reads `status`: it answers from a report refreshed every 2 s in the background."""
+    deadline = time.monotonic() + timeout_s
+    while (response := client.get(f"{prefix}/v1/ready")).status_code != status and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return response
+
+
 @pytest.mark.parametrize(("prefix", "backend"), [("", "pocketsphinx"), ("/qwen3", "qwen3")])
-def test_ready_names_the_loaded_backend(client, prefix, backend):
-    response = client.get(f"{prefix}/v1/ready")
-    assert response.status_code == 200
-    body = response.json()
+def test_ready_is_open_and_the_dependency_report_names_the_loaded_backend(anonymous, admin_key, prefix, backend):
+    response = wait_for_readiness(anonymous, prefix, 200)
+    report = anonymous.get(f"{prefix}/v1/admin/dependencies", headers={"Authorization": f"Bearer {admin_key}"})
+    assert response.status_code == 200, report.text
+    assert response.json() == {"status": "ready"}  # nothing more for a load balancer
+    assert report.status_code == 200, report.text
+    body = report.json()
     assert body["status"] == "ready"
     assert body["backend"] == backend
-    assert body["checks"]["scanner"]["status"] == "ready"
-    assert body["checks"]["aligner"]["status"] == "ready"
+    assert {name: check["status"] for name, check in body["checks"].items()} == dict.fromkeys(("scanner", "clamd", "aligner", "redis"), "ready")
+    assert 0 <= body["age_s"] < 10
 
 
 def test_openapi_is_versioned_and_documents_the_multipart_body(client):
@@ -266,7 +278,9 @@ def test_upload_over_the_cap_is_refused_by_content_length_and_while_streaming(cl
 
 def test_unknown_route_and_method_are_problems(client):
     assert_problem(client.get("/v1/nope"), 404, "not-found")
-    assert_problem(client.get("/v1/align"), 405, "method-not-allowed")
+    response = client.get("/v1/align")
+    assert_problem(response, 405, "method-not-allowed")
+    assert response.headers["allow"] == "POST"
 
 
 def test_service_still_serves_after_errors(client, eval_utterances):

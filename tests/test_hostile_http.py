@@ -17,7 +17,7 @@ import pytest
 from tests.conftest import create_api_key
 from tests.support.audio import encode, tone
 from tests.support.hostile import HOSTILE_CASES, HostileCase
-from tests.test_api import assert_problem, post_align
+from tests.test_api import assert_problem, post_align, wait_for_readiness
 
 QWEN3 = "/qwen3"
 
@@ -39,21 +39,23 @@ def test_still_serving_after_the_corpus(client):
     assert response.status_code == 200, response.text
 
 
-def test_clamd_down_fails_closed_then_recovers(client, clamd_server):
+def test_clamd_down_fails_closed_then_recovers(client, clamd_server, admin_key):
     audio = encode(tone(1.0, 16_000), 16_000, "wav")
     clamd_server.stop()
     try:
         response = post_align(client, audio, "hello", prefix=QWEN3)
         assert_problem(response, 503, "service-unavailable")
         assert int(response.headers["retry-after"]) >= 1
-        ready = client.get(f"{QWEN3}/v1/ready")
-        assert ready.status_code == 503
-        assert ready.json()["checks"]["clamd"]["status"] == "unavailable"
+        ready = wait_for_readiness(client, QWEN3, 503)
+        assert ready.json() == {"status": "unavailable"}
+        report = client.get(f"{QWEN3}/v1/admin/dependencies", headers={"Authorization": f"Bearer {admin_key}"}).json()
+        assert report["checks"]["clamd"]["status"] == "unavailable"
+        assert report["checks"]["aligner"]["status"] == "ready"
     finally:
         clamd_server.start()
     response = post_align(client, audio, "hello", prefix=QWEN3)  # no restart of anything of ours
     assert response.status_code == 200, response.text
-    assert client.get(f"{QWEN3}/v1/ready").status_code == 200
+    assert wait_for_readiness(client, QWEN3, 200).status_code == 200
 
 
 def test_scanner_replica_crash_mid_request_is_a_503_and_serve_replaces_it(client, clamd_server, ray_cluster):

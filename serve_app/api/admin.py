@@ -1,17 +1,20 @@
 """Admin routes under /v1/admin: API keys and bans. Every route requires the `admin` scope.
 
-Secrets appear exactly once, in the answer that creates or rotates a key; no route ever returns
-a digest. Every action is written to the audit log.
+Secrets appear exactly once, in the answer that creates or rotates a key (sent with
+`Cache-Control: no-store`, so no cache keeps it); no route ever returns a digest. Bodies are read
+only after authentication, under a 64 KiB cap (serve_app.api.json_body). Every action is written
+to the audit log.
 """
 
 # No `from __future__ import annotations`: FastAPI resolves these annotations at runtime.
 
 import time
 
-from fastapi import APIRouter, Depends, Path, Query
+from fastapi import APIRouter, Depends, Path, Query, Request, Response
 
 from serve_app.api.dependencies import authorized, gate
 from serve_app.api.gate import Caller, Gate
+from serve_app.api.json_body import json_request_body, read_json_body
 from serve_app.api.models import BanOut, KeyCreate, KeyCreated, KeyOut, KeyRotate, problem_responses
 from serve_app.api.problems import Problem
 from serve_app.security.api_keys import KeyRecord, UnknownKey
@@ -48,12 +51,21 @@ async def list_keys(owner: str | None = Query(None, max_length=64), caller: Call
     return [_key_out(record) for record in await gate.api_keys.list(owner)]
 
 
-@router.post("/keys", response_model=KeyCreated, status_code=201, summary="Create an API key (the secret is shown once)")
-async def create_key(body: KeyCreate, caller: Caller = Depends(admin), gate: Gate = Depends(gate)):
+@router.post(
+    "/keys",
+    response_model=KeyCreated,
+    status_code=201,
+    summary="Create an API key (the secret is shown once)",
+    openapi_extra={"requestBody": json_request_body(KeyCreate)},
+    responses=problem_responses(413),
+)
+async def create_key(request: Request, response: Response, caller: Caller = Depends(admin), gate: Gate = Depends(gate)):
+    body = await read_json_body(request, KeyCreate)
     _known_plan(gate, body.plan)
     expires_in_s = body.expires_in_days * _SECONDS_PER_DAY if body.expires_in_days else None
     text, record = await gate.api_keys.create(body.owner, body.scopes, body.plan, expires_in_s)
     gate.audit.record(caller.audit, "admin", "allowed", "key-created", key_id=record.key_id, plan=record.plan)
+    response.headers["Cache-Control"] = "no-store"
     return KeyCreated(key=text, record=_key_out(record))
 
 
@@ -75,8 +87,18 @@ async def revoke_key(key_id: str, caller: Caller = Depends(admin), gate: Gate = 
     return _key_out(record)
 
 
-@router.post("/keys/{key_id}/rotate", response_model=KeyCreated, status_code=201, summary="Issue a successor; the old key lives for the overlap")
-async def rotate_key(key_id: str, body: KeyRotate, caller: Caller = Depends(admin), gate: Gate = Depends(gate)):
+@router.post(
+    "/keys/{key_id}/rotate",
+    response_model=KeyCreated,
+    status_code=201,
+    summary="Issue a successor; the old key lives for the overlap",
+    openapi_extra={"requestBody": json_request_body(KeyRotate)},
+    responses=problem_responses(413),
+)
+async def rotate_key(
+    key_id: str, request: Request, response: Response, caller: Caller = Depends(admin), gate: Gate = Depends(gate)
+):
+    body = await read_json_body(request, KeyRotate)
     try:
         text, record = await gate.api_keys.rotate(key_id, body.overlap_hours * 3600)
     except UnknownKey:
@@ -84,6 +106,7 @@ async def rotate_key(key_id: str, body: KeyRotate, caller: Caller = Depends(admi
     except ValueError as refused:  # a revoked or expired key cannot be rotated
         raise Problem("invalid-request", str(refused)) from None
     gate.audit.record(caller.audit, "admin", "allowed", "key-rotated", key_id=key_id, successor=record.key_id)
+    response.headers["Cache-Control"] = "no-store"
     return KeyCreated(key=text, record=_key_out(record))
 
 

@@ -24,8 +24,7 @@ def gate(request: Request) -> Gate:
 def authorized(scope: str) -> Callable[..., Awaitable[Caller]]:
     async def dependency(request: Request, gate: Gate = Depends(gate)) -> Caller:
         route = request.scope["route"].path_format  # the template (/v1/admin/keys/{key_id}), never the ids in it
-        caller = await gate.admit(request, route)
-        request.state.caller = caller
+        caller = await gate.admit(request, route)  # also leaves the caller on request.state
         await gate.authenticate(request, caller, scope)
         return caller
 

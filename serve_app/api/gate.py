@@ -116,6 +116,7 @@ class Gate:
             client_ip=client_ip(peer, request.headers.getlist("x-forwarded-for"), self.options.trusted_proxies),
             route=route,
         )
+        request.state.caller = caller  # before any refusal: a pre-auth 429 carries the RateLimit headers too
         await self._refuse_if_banned(caller)
         with metrics.timed("limit"):
             await self._enforce(caller, await self.limiter.take_pre_auth(caller.client_ip, load_factor=self.shedder.load_factor))

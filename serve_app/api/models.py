@@ -91,10 +91,17 @@ class DependencyStatus(BaseModel):
 
 
 class Readiness(BaseModel):
+    """What a load balancer needs: nothing about which dependency failed (that is admin-only)."""
+
+    status: Literal["ready", "unavailable"]
+
+
+class DependencyReport(BaseModel):
     status: Literal["ready", "unavailable"]
     backend: str | None = Field(None, description="The aligner backend actually loaded.")
     model: str | None = None
-    checks: dict[str, DependencyStatus]
+    checks: dict[str, DependencyStatus] = Field(description="scanner, clamd (through the scanner), aligner, redis.")
+    age_s: float = Field(0.0, description="Seconds since the background probe that produced this report.")
 
 
 class KeyCreate(BaseModel):

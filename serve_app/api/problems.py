@@ -18,7 +18,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.routing import Match
+from starlette.routing import compile_path, get_route_path
 
 PROBLEM_MEDIA_TYPE = "application/problem+json"
 PROBLEM_TYPE_BASE = "urn:forced-aligner:problem:"
@@ -47,7 +47,8 @@ _CATALOGUE = [
     ProblemType("invalid-request", 400, "The request is malformed"),
     ProblemType("not-found", 404, "No such resource"),
     ProblemType("method-not-allowed", 405, "Method not allowed on this resource"),
-    ProblemType("payload-too-large", 413, "The upload exceeds the size limit"),
+    ProblemType("request-timeout", 408, "The request took longer than the server allows"),
+    ProblemType("payload-too-large", 413, "The request body exceeds the size limit"),
     ProblemType("multipart-required", 415, "The request body must be multipart/form-data"),
     ProblemType("unsupported-media-type", 415, "The upload is not an accepted audio format"),
     # transcript
@@ -103,7 +104,7 @@ def unavailable(detail: str, retry_after_s: int) -> Problem:
     return Problem("service-unavailable", detail, headers={"Retry-After": str(retry_after_s)})
 
 
-def problem_response(problem: Problem, request_id: str | None) -> JSONResponse:
+def problem_body(problem: Problem, request_id: str | None) -> dict[str, Any]:
     body: dict[str, Any] = {
         "type": problem.type.uri,
         "title": problem.type.title,
@@ -113,20 +114,37 @@ def problem_response(problem: Problem, request_id: str | None) -> JSONResponse:
     }
     if request_id:
         body["instance"] = f"urn:request:{request_id}"
-    return JSONResponse(body, status_code=problem.type.status, headers=problem.headers, media_type=PROBLEM_MEDIA_TYPE)
+    return body
+
+
+def problem_response(problem: Problem, request_id: str | None) -> JSONResponse:
+    return JSONResponse(
+        problem_body(problem, request_id), status_code=problem.type.status, headers=problem.headers, media_type=PROBLEM_MEDIA_TYPE
+    )
 
 
 def _request_id(request: Request) -> str | None:
     return getattr(request.state, "request_id", None)
 
 
+def _api_routes(router, prefix: str = ""):
+    """(route, include prefix) for every route, inside included routers too (FastAPI >= 0.137 nests them)."""
+    for route in router.routes:
+        nested = getattr(route, "original_router", None)
+        if nested is not None:
+            yield from _api_routes(nested, prefix + route.include_context.prefix)
+        else:
+            yield route, prefix
+
+
 def _allowed_methods(request: Request) -> list[str]:
     """Every method of every route on this path (Starlette names only the first route's)."""
+    path = get_route_path(request.scope)
     methods: set[str] = set()
-    for route in request.app.router.routes:
-        match, _ = route.matches({**request.scope, "method": "GET"})  # path match, method aside
-        if match is not Match.NONE and getattr(route, "methods", None):
-            methods |= route.methods
+    for route, prefix in _api_routes(request.app.router):
+        route_methods = getattr(route, "methods", None)
+        if route_methods and compile_path(prefix + route.path)[0].match(path):
+            methods |= route_methods
     return sorted(methods)
 
 
@@ -145,7 +163,7 @@ def install_problem_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        slug = {404: "not-found", 405: "method-not-allowed", 413: "payload-too-large"}.get(exc.status_code, "invalid-request")
+        slug = {404: "not-found", 405: "method-not-allowed", 408: "request-timeout", 413: "payload-too-large"}.get(exc.status_code, "invalid-request")
         headers = dict(exc.headers or {})
         if exc.status_code == 405:
             headers["Allow"] = ", ".join(_allowed_methods(request))

@@ -2,6 +2,7 @@
 
     admit()          client IP (trusted proxies only), ban check, pre-authentication IP bucket
     authenticate()   credential -> Principal, scope, principal ban, load shedding, request bucket
+    concurrency_slot() one of the principal's concurrent requests, shared by all replicas
     charge_audio()   decoded audio seconds against the principal's audio bucket
     upload_refused() count refused uploads and malware toward abuse bans
 
@@ -13,13 +14,17 @@ Failure policy when Redis is down:
 - authentication (API keys): fail CLOSED, 503 + Retry-After, aligner_dependency_errors{redis,auth};
 - rate limits: fail OPEN by default (RateLimitOptions.fail_open), counted as
   aligner_ratelimit_decisions{result="error_allowed"}; the per-replica concurrency cap still holds;
+- the per-principal concurrency cap: fail OPEN, always (counted the same way, policy "concurrency"),
+  leaving the per-replica cap as the bound;
 - bans: not enforced while Redis is down (counted), enforced again when it is back.
 """
 
 from __future__ import annotations
 
 import logging
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from typing import AsyncIterator
 
 import httpx
 from fastapi import Request
@@ -33,6 +38,7 @@ from serve_app.security.authenticate import AuthFailure, Authenticator, www_auth
 from serve_app.security.client_ip import client_ip
 from serve_app.security.oauth import JwtVerifier
 from serve_app.security.principal import Principal
+from serve_app.security.principal_concurrency import ConcurrencyLimitReached, PrincipalConcurrency
 from serve_app.security.ratelimit import Decision, RateLimiter, TokenBucketLimiter, principal_key
 from serve_app.security.redis_store import request_path_client
 from serve_app.security.shedding import LoadShedder
@@ -42,6 +48,7 @@ logger = logging.getLogger("ray.serve")
 
 _AUTH_PROBLEMS = {400: "invalid-request", 401: "unauthenticated", 403: "insufficient-scope", 503: "service-unavailable"}
 _REJECTION_EVENTS: dict[str, AbuseEvent] = {"malware-detected": "malware"}
+CONCURRENCY_POLICY = "concurrency"
 
 
 @dataclass
@@ -75,6 +82,7 @@ class Gate:
         self.limiter = RateLimiter(TokenBucketLimiter(self.redis), options.rate_limits, unavailable_retry_after_s=options.retry_after_s)
         self.abuse = AbuseMonitor(self.redis, options.abuse)
         self.shedder = LoadShedder(options.shedding)
+        self.concurrency = PrincipalConcurrency(self.redis, options.rate_limits.concurrency_lease_s)
         self.audit = audit
         self._introspection_secret = environment.introspection_client_secret
         self._oauth = None
@@ -85,6 +93,7 @@ class Gate:
         self.limiter.reconfigure(options.rate_limits)
         self.abuse.reconfigure(options.abuse)
         self.shedder.options = options.shedding
+        self.concurrency.lease_s = options.rate_limits.concurrency_lease_s
         if options.oauth != self._oauth:  # rebuilding drops the JWKS cache: only when it changed
             self._oauth = options.oauth
             secret = self._introspection_secret.get_secret_value() if self._introspection_secret else None
@@ -129,6 +138,31 @@ class Gate:
         with metrics.timed("limit"):
             await self._enforce(caller, await self.limiter.take_request(principal, plan, load_factor=self.shedder.load_factor))
         return principal
+
+    # -- 6: room for one more of this principal's requests --------------------------------------
+
+    @asynccontextmanager
+    async def concurrency_slot(self, caller: Caller) -> AsyncIterator[None]:
+        """Hold one of the plan's `max_concurrent_requests` (all replicas together) for the body.
+
+        Full is the principal's own doing, so it is a 429 quota answer, not a 503: other callers
+        are unaffected, and the client should finish what it has in flight before sending more.
+        """
+        assert caller.principal is not None
+        limit = self.options.plans.get(caller.principal.plan, self.options.plans["standard"]).max_concurrent_requests
+        try:
+            async with self.concurrency.slot(principal_key(caller.principal), limit) as shared:
+                metrics.RATELIMIT_DECISIONS.inc(tags={"policy": CONCURRENCY_POLICY, "result": "allowed" if shared else "error_allowed"})
+                yield
+        except ConcurrencyLimitReached:
+            metrics.RATELIMIT_DECISIONS.inc(tags={"policy": CONCURRENCY_POLICY, "result": "denied"})
+            self.audit.record(caller.audit, "limit", "denied", CONCURRENCY_POLICY, limit=limit)
+            raise Problem(
+                "quota-exceeded",
+                f"{limit} requests of this principal are already in flight; retry when one has finished",
+                headers={"Retry-After": str(self.options.retry_after_s)},
+                extensions={"violated-policies": [CONCURRENCY_POLICY]},
+            ) from None
 
     async def close(self) -> None:
         await self.api_keys.flush_last_used()

@@ -9,7 +9,7 @@ same plan (buckets too large to matter, so only the concurrency rules are measur
 Prints both p50s, their ratio (target <= 1.2x) and how the hog's uploads were answered (429 from
 the per-principal concurrency cap, 408 from the upload pace).
 
-    .venv/bin/python -m bench.slow_uploads [--rounds 3] [--requests 30]
+    .venv/bin/python -m bench.slow_uploads [--rounds 3] [--requests 30] [--cap 4]
 """
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ import httpx
 
 from bench.service import CLIP, TRANSCRIPT
 from bench.stack import BENCH_PLAN, Stack, with_bench_plan
-from tests.support.cluster import application_from_yaml, start_ray, start_serve
+from serve_app.settings import Plan
+from tests.support.cluster import application_from_yaml, deployment_of, start_ray, start_serve
 
 SLOW_UPLOADS = 50
 TARGET_RATIO = 1.2
@@ -108,17 +109,24 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--requests", type=int, default=30, help="victim requests per measurement")
+    parser.add_argument(
+        "--cap", type=int, default=Plan().max_concurrent_requests, help="the plan's max_concurrent_requests (50+: as if there were none)"
+    )
     arguments = parser.parse_args()
     logging.getLogger("httpx").setLevel(logging.WARNING)
 
     stack = Stack()
     hog_key, victim_key = stack.api_key(BENCH_PLAN), stack.api_key(BENCH_PLAN)
     start_ray()
-    url = start_serve([application_from_yaml("aligner", "/", lambda app: with_bench_plan(app)["args"].update(backend="pocketsphinx"))])
+    def pocketsphinx_with_cap(app: dict) -> None:
+        with_bench_plan(app)["args"].update(backend="pocketsphinx")
+        deployment_of(app, "Ingress")["user_config"]["plans"][BENCH_PLAN]["max_concurrent_requests"] = arguments.cap
+
+    url = start_serve([application_from_yaml("aligner", "/", pocketsphinx_with_cap)])
     audio = CLIP.read_bytes()
     victim_p50(url, victim_key, audio, 5)  # warm-up
 
-    print(f"{SLOW_UPLOADS} slow uploads from one key; victim: {arguments.requests} sequential requests per measurement\n")
+    print(f"{SLOW_UPLOADS} slow uploads from one key (max_concurrent_requests {arguments.cap}); victim: {arguments.requests} sequential requests per measurement\n")
     print(f"{'round':>5} {'idle p50':>9} {'held p50':>9} {'ratio':>6} {'victim non-200':>14}  hog answers")
     ratios = []
     for round_number in range(1, arguments.rounds + 1):

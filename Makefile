@@ -18,8 +18,9 @@ export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 export RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH := serve_app.proxy_middleware:proxy_middlewares
 
 # redis-server and clamd are real dependencies (tests and `make serve` run their own, on loopback);
-# prometheus brings promtool, which checks the alert rules in the tests.
-APT_PACKAGES := libmagic1 espeak-ng redis-server redis-sentinel clamav-daemon prometheus
+# prometheus brings promtool, which checks the alert rules in the tests; nginx runs the front proxy
+# config (deploy/nginx) in its test.
+APT_PACKAGES := libmagic1 espeak-ng redis-server redis-sentinel clamav-daemon prometheus nginx
 SAMPLE := var/sample.wav
 SERVICES := var/services
 PEPPER := var/api-key-pepper

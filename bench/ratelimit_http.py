@@ -21,7 +21,7 @@ import httpx
 from bench.stack import Stack
 from tests.support.cluster import application_from_yaml, deployment_of, start_ray, start_serve
 
-PLAN = {"requests_burst": 100, "requests_per_minute": 1200, "audio_seconds_burst": 1e6, "audio_seconds_per_hour": 1e6}
+PLAN = {"requests_burst": 100, "requests_per_minute": 1200, "audio_seconds_burst": 1e6, "audio_seconds_per_hour": 1e6, "max_concurrent_requests": 1000}
 TARGET_ERROR = 0.02
 _EMPTY_FORM = {"content-type": "multipart/form-data; boundary=x"}
 

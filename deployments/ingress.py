@@ -2,8 +2,10 @@
 
 POST /v1/align reads as the request path:
   1-5. admit the client, authenticate, authorize, shed, take a request token (Depends(authorized))
-  6.   hold a slot of this replica's concurrency cap                      (never depends on Redis)
-  7.   stream the multipart body under a byte cap                         (serve_app.api.upload)
+  6.   hold one of the principal's concurrent requests (all replicas: Redis leases, fail open),
+       then a slot of this replica's concurrency cap                     (never depends on Redis)
+  7.   stream the multipart body under a byte cap and a pace (408 when idle or trickling)
+                                                                          (serve_app.api.upload)
   8.   validate the transcript and its language                           (serve_app.text.transcript)
   9.   scan: clamd, sniff, capped decode in a Scanner replica             (deployments.scanner)
   10.  check duration and plausibility; only then charge the decoded audio seconds
@@ -195,13 +197,13 @@ class Ingress:
                     "text/plain": {"schema": {"type": "string"}},
                 }
             },
-            **problem_responses(400, 401, 403, 413, 415, 422, 429, 500, 503),
+            **problem_responses(400, 401, 403, 408, 413, 415, 422, 429, 500, 503),
         },
     )
     async def align(self, request: Request, caller: Caller = Depends(authorized("align"))) -> Response:
         options = self._options  # one consistent snapshot for the whole request
         try:
-            async with self._gate.limiter.local_slot():
+            async with self._gate.concurrency_slot(caller), self._gate.limiter.local_slot():
                 return await self._align_request(request, caller, options)
         except ConcurrencyCapReached:
             raise Problem(
@@ -213,7 +215,14 @@ class Ingress:
     async def _align_request(self, request: Request, caller: Caller, options: IngressOptions) -> Response:
         with metrics.timed("upload"):
             form = await read_align_form(
-                request, UploadLimits(max_body_bytes=options.max_upload_bytes, max_text_bytes=options.max_transcript_chars * 4)
+                request,
+                UploadLimits(
+                    max_body_bytes=options.max_upload_bytes,
+                    max_text_bytes=options.max_transcript_chars * 4,
+                    idle_timeout_s=options.upload_idle_timeout_s,
+                    min_bytes_per_s=options.upload_min_bytes_per_s,
+                    rate_grace_s=options.upload_rate_grace_s,
+                ),
             )
         transcript = self._parse_transcript(form, options)
         backend = await self._backend_info(options)

@@ -67,12 +67,15 @@ class Plan(_Strict):
         None, gt=0, description="Longest single upload on this plan (decoded); default the ingress's max_audio_seconds."
     )
     priority: int = Field(0, ge=0, le=10, description="Under load, lower priorities are shed first.")
+    max_concurrent_requests: int = Field(
+        4, ge=1, description="Align requests one principal may have in flight, across all ingress replicas (429 beyond)."
+    )
 
 
 def _default_plans() -> dict[str, Plan]:
     return {
         "standard": Plan(),
-        "premium": Plan(requests_burst=300, requests_per_minute=600, audio_seconds_burst=18000, audio_seconds_per_hour=36000, priority=5),
+        "premium": Plan(requests_burst=300, requests_per_minute=600, audio_seconds_burst=18000, audio_seconds_per_hour=36000, priority=5, max_concurrent_requests=12),
     }
 
 
@@ -112,6 +115,9 @@ class RateLimitOptions(_Strict):
     local_max_concurrency: int = Field(16, ge=1, description="Per ingress replica; never depends on Redis.")
     redis_timeout_s: float = Field(
         0.25, gt=0, le=5, description="Start-only (the replica's Redis client is built with it): per Redis call on the request path."
+    )
+    concurrency_lease_s: float = Field(
+        30.0, ge=1, le=300, description="A principal's concurrency lease outlives a dead replica by at most this; renewed while held."
     )
 
 
@@ -161,6 +167,9 @@ class IngressOptions(_Strict):
     """Live knobs of the ingress: what a request may contain, who may call, how often."""
 
     max_upload_bytes: int = Field(25 * 1024 * 1024, gt=0, description="Whole multipart body.")
+    upload_idle_timeout_s: float = Field(10.0, gt=0, le=300, description="Longest silence inside a body (408 past it).")
+    upload_min_bytes_per_s: float = Field(8192.0, ge=0, description="Average body rate required after the grace period (408 below).")
+    upload_rate_grace_s: float = Field(10.0, ge=0, description="Time a body may take before its average rate is checked.")
     max_transcript_chars: int = Field(20_000, gt=0)
     max_transcript_units: int = Field(5_000, gt=0, description="Alignment units (words, CJK characters).")
     default_language: str = Field("English", description="Used when a request names no language.")

@@ -37,11 +37,12 @@ PEPPER = b"test-pepper-not-for-production-0001"
 EVAL_DIR = ROOT.parent / "shared" / "eval" / "emuR_ae"
 TEST_MAX_UPLOAD_BYTES = 4 * 1024 * 1024  # small, so the 413 tests stay quick
 TEST_PLANS = {
-    "unlimited": {"requests_burst": 100000, "requests_per_minute": 100000, "audio_seconds_burst": 1e7, "audio_seconds_per_hour": 1e7, "priority": 10},
+    "unlimited": {"requests_burst": 100000, "requests_per_minute": 100000, "audio_seconds_burst": 1e7, "audio_seconds_per_hour": 1e7, "priority": 10, "max_concurrent_requests": 1000},
     "five-requests": {"requests_burst": 5, "requests_per_minute": 0.001, "audio_seconds_burst": 1e6, "audio_seconds_per_hour": 1e6},
     # A bucket must hold the plan's longest audio (IngressOptions checks it), hence max_audio_seconds.
     "ten-audio-seconds": {"requests_burst": 1000, "requests_per_minute": 1000, "audio_seconds_burst": 10, "audio_seconds_per_hour": 0.001, "max_audio_seconds": 10},
     "hour-of-audio": {"requests_burst": 1000, "requests_per_minute": 1000, "audio_seconds_burst": 3600, "audio_seconds_per_hour": 0.001},
+    "two-at-once": {"requests_burst": 1000, "requests_per_minute": 1000, "audio_seconds_burst": 1e6, "audio_seconds_per_hour": 1e6, "max_concurrent_requests": 2},
 }
 
 # OAuth2 clients registered with the session's loopback issuer.
@@ -51,6 +52,7 @@ OAUTH_NO_ALIGN_CLIENT_ID = "reporting-worker"  # holds only a "reports" scope
 # scanner slot busy (load 1/4) sheds priority 0; priority 10 is shed only at 5x capacity; a batch
 # wait counts only when it reaches seconds (each lone request waits its 0.1 s batch timeout).
 TEST_ABUSE = {"max_auth_failures": 5, "ban_s": 5}
+TEST_UPLOAD_IDLE_TIMEOUT_S = 2.0  # "qwen3" app: a silent upload is cut off within seconds
 TEST_SHEDDING = {"shed_above": 0.2, "shed_top_priority_above": 5.0, "target_batch_wait_s": 5.0}
 
 
@@ -76,7 +78,7 @@ def _test_applications(tiny_checkpoint: Path, oauth_issuer_url: str) -> list[dic
     def tiny_qwen3(app: dict) -> None:
         app["args"].update(backend="qwen3", qwen3_model=str(tiny_checkpoint), qwen3_dtype="float32")
         ingress = _test_ingress(app, oauth_issuer_url)
-        ingress["user_config"].update(abuse=TEST_ABUSE, shedding=TEST_SHEDDING)
+        ingress["user_config"].update(abuse=TEST_ABUSE, shedding=TEST_SHEDDING, upload_idle_timeout_s=TEST_UPLOAD_IDLE_TIMEOUT_S)
 
     return [application_from_yaml("aligner", "/", pocketsphinx), application_from_yaml("qwen3", "/qwen3", tiny_qwen3)]
 

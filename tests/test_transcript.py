@@ -61,6 +61,38 @@ def test_rejections(text, reason):
     assert rejected.value.reason == reason
 
 
+_INVISIBLE = ["\u200b", "\u200c", "\u200d", "\u2060", "\ufeff", "\u200e", "\u200f", "\u061c", "\u00ad", "\u180e", "\U000e0041"]
+_EMOJI_PARTS = ("\u200d", "\U000e0041")  # between spaces they may build an emoji sequence: tested below
+
+
+@pytest.mark.parametrize(
+    "text",
+    [f"wh{char}at now" for char in _INVISIBLE]
+    + [f"what now{char}" for char in _INVISIBLE]
+    + [f"what {char} now" for char in _INVISIBLE if char not in _EMOJI_PARTS],
+)
+def test_invisible_format_characters_are_refused_naming_the_code_point(text):
+    invisible = next(char for char in text if char in _INVISIBLE)
+    with pytest.raises(TranscriptRejected) as rejected:
+        parse(text)
+    assert rejected.value.reason == "invalid-transcript"
+    assert f"U+{ord(invisible):04X}" in rejected.value.detail
+
+
+def test_a_leading_byte_order_mark_is_removed_and_nothing_else_changes():
+    transcript = parse("\ufeffHello, world")
+    assert [word.text for word in transcript.words] == ["Hello,", "world"]
+    with pytest.raises(TranscriptRejected):
+        parse("\ufeff\ufeffHello")  # only the first one is a byte-order mark
+
+
+def test_emoji_sequences_keep_their_joiners_and_tags():
+    family, scotland = "\U0001f468\u200d\U0001f469\u200d\U0001f467", "\U0001f3f4\U000e0067\U000e0062\U000e0073\U000e0063\U000e0074\U000e007f"
+    transcript = parse(f"hi {family} {scotland} bye")
+    assert [word.text for word in transcript.words] == ["hi", family, scotland, "bye"]
+    assert transcript.units == ("hi", "bye")
+
+
 def test_tabs_and_newlines_are_allowed():
     assert parse("one\ttwo\r\nthree").units == ("one", "two", "three")
 

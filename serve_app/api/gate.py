@@ -2,6 +2,7 @@
 
     admit()          client IP (trusted proxies only), ban check, pre-authentication IP bucket
     authenticate()   credential -> Principal, scope, principal ban, load shedding, request bucket
+    concurrency_slot() one of the principal's concurrent requests, shared by all replicas
     charge_audio()   decoded audio seconds against the principal's audio bucket, once the request
                      is known to be servable; refund_audio() gives them back when the work then
                      fails on our side
@@ -17,13 +18,17 @@ Failure policy when Redis is down:
   other key fails CLOSED, 503 + Retry-After, aligner_dependency_errors{redis,auth};
 - rate limits: fail OPEN by default (RateLimitOptions.fail_open), counted as
   aligner_ratelimit_decisions{result="error_allowed"}; the per-replica concurrency cap still holds;
+- the per-principal concurrency cap: fail OPEN, always (counted the same way, policy "concurrency"),
+  leaving the per-replica cap as the bound;
 - bans: not enforced while Redis is down (counted), enforced again when it is back.
 """
 
 from __future__ import annotations
 
 import logging
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from typing import AsyncIterator
 
 import httpx
 from fastapi import Request
@@ -37,6 +42,7 @@ from serve_app.security.authenticate import AuthFailure, Authenticator, www_auth
 from serve_app.security.client_ip import client_ip
 from serve_app.security.oauth import JwtVerifier
 from serve_app.security.principal import Principal
+from serve_app.security.principal_concurrency import ConcurrencyLimitReached, PrincipalConcurrency
 from serve_app.security.ratelimit import Decision, RateLimiter, TokenBucketLimiter, principal_key
 from serve_app.security.redis_store import request_path_client
 from serve_app.security.shedding import LoadShedder
@@ -45,6 +51,7 @@ from serve_app.settings import Environment, IngressOptions, Plan
 logger = logging.getLogger("ray.serve")
 
 _AUTH_PROBLEMS = {400: "invalid-request", 401: "unauthenticated", 403: "insufficient-scope", 503: "service-unavailable"}
+CONCURRENCY_POLICY = "concurrency"
 
 
 @dataclass
@@ -80,6 +87,7 @@ class Gate:
         self.limiter = RateLimiter(TokenBucketLimiter(self.redis), options.rate_limits, unavailable_retry_after_s=options.retry_after_s)
         self.abuse = AbuseMonitor(self.redis, options.abuse)
         self.shedder = LoadShedder(options.shedding)
+        self.concurrency = PrincipalConcurrency(self.redis, options.rate_limits.concurrency_lease_s)
         self.audit = audit
         self._introspection_secret = environment.introspection_client_secret
         self._oauth: object = None  # the settings each verifier was built from (None: not yet)
@@ -92,6 +100,7 @@ class Gate:
         self.limiter.reconfigure(options.rate_limits, unavailable_retry_after_s=options.retry_after_s)
         self.abuse.reconfigure(options.abuse)
         self.shedder.options = options.shedding
+        self.concurrency.lease_s = options.rate_limits.concurrency_lease_s
         # Each verifier is rebuilt only when its own settings change: rebuilding drops its cache.
         rebuild = False
         api_key_bounds = (options.api_key_cache_s, options.api_key_stale_s)
@@ -151,6 +160,31 @@ class Gate:
         with metrics.timed("limit"):
             await self._enforce(caller, await self.limiter.take_request(principal, plan, load_factor=self.shedder.load_factor))
         return principal
+
+    # -- 6: room for one more of this principal's requests --------------------------------------
+
+    @asynccontextmanager
+    async def concurrency_slot(self, caller: Caller) -> AsyncIterator[None]:
+        """Hold one of the plan's `max_concurrent_requests` (all replicas together) for the body.
+
+        Full is the principal's own doing, so it is a 429 quota answer, not a 503: other callers
+        are unaffected, and the client should finish what it has in flight before sending more.
+        """
+        assert caller.principal is not None
+        limit = self.options.plans.get(caller.principal.plan, self.options.plans["standard"]).max_concurrent_requests
+        try:
+            async with self.concurrency.slot(principal_key(caller.principal), limit) as shared:
+                metrics.RATELIMIT_DECISIONS.inc(tags={"policy": CONCURRENCY_POLICY, "result": "allowed" if shared else "error_allowed"})
+                yield
+        except ConcurrencyLimitReached:
+            metrics.RATELIMIT_DECISIONS.inc(tags={"policy": CONCURRENCY_POLICY, "result": "denied"})
+            self.audit.record(caller.audit, "limit", "denied", CONCURRENCY_POLICY, limit=limit)
+            raise Problem(
+                "quota-exceeded",
+                f"{limit} requests of this principal are already in flight; retry when one has finished",
+                headers={"Retry-After": str(self.options.retry_after_s)},
+                extensions={"violated-policies": [CONCURRENCY_POLICY]},
+            ) from None
 
     async def close(self) -> None:
         await self.api_keys.flush_last_used()

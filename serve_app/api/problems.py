@@ -47,7 +47,7 @@ _CATALOGUE = [
     ProblemType("invalid-request", 400, "The request is malformed"),
     ProblemType("not-found", 404, "No such resource"),
     ProblemType("method-not-allowed", 405, "Method not allowed on this resource"),
-    ProblemType("request-timeout", 408, "The request took longer than the server allows"),
+    ProblemType("request-timeout", 408, "The request took too long to arrive"),
     ProblemType("payload-too-large", 413, "The request body exceeds the size limit"),
     ProblemType("multipart-required", 415, "The request body must be multipart/form-data"),
     ProblemType("unsupported-media-type", 415, "The upload is not an accepted audio format"),

@@ -5,11 +5,22 @@ invalid UTF-8 as Latin-1. Here the body is counted as it arrives (Content-Length
 uploads), refused with 413 the moment it passes `max_body_bytes`, each text field is capped on its
 own, only the four known fields are accepted (each once, audio once), and the transcript must be
 valid UTF-8. Everything stays in memory: the cap bounds it, and the scanner needs the bytes anyway.
+
+Failure policy, each answered before any later stage runs:
+- a part's headers over `_MAX_PART_HEADER_BYTES` in total or `_MAX_PART_HEADER_LINES` lines: 400
+  (python-multipart >= 0.0.27 bounds each header line too, and its parsing is linear);
+- a body that ends before the closing boundary: 400, never a silently truncated last field;
+- a sender that goes quiet for `idle_timeout_s`, or whose average rate stays under
+  `min_bytes_per_s` once `rate_grace_s` has passed: 408 `request-timeout`, so a trickling upload
+  frees its concurrency slots in seconds rather than at the server's request timeout.
 """
 
 from __future__ import annotations
 
+import asyncio
+import time
 from dataclasses import dataclass, field
+from typing import AsyncIterator
 
 from fastapi import Request
 from python_multipart.exceptions import FormParserError
@@ -21,12 +32,19 @@ from serve_app.api.problems import Problem
 
 _FIELDS = ("audio", "text", "language", "format")
 _MAX_SHORT_FIELD_BYTES = 64  # language and format values are short codes
+# A part needs Content-Disposition and perhaps Content-Type; a browser sends nothing longer than a
+# file name, which we keep 200 characters of anyway.
+_MAX_PART_HEADER_BYTES = 4096
+_MAX_PART_HEADER_LINES = 4
 
 
 @dataclass(frozen=True)
 class UploadLimits:
     max_body_bytes: int
     max_text_bytes: int
+    idle_timeout_s: float  # longest silence between two chunks of the body
+    min_bytes_per_s: float  # average body rate required once the grace period is over
+    rate_grace_s: float
 
 
 @dataclass
@@ -46,23 +64,43 @@ class _FormCollector:
         self._header_value = b""
         self._headers: dict[bytes, bytes] = {}
         self._part = _Part()
+        self._header_bytes = 0
+        self._header_lines = 0
         self.parts: dict[str, _Part] = {}
+        self.in_part_headers = False  # where a parse error is reported as a header problem
+        self.complete = False  # the closing boundary was seen
 
     def on_part_begin(self) -> None:
         self._part = _Part()
         self._headers = {}
+        self._header_bytes = 0
+        self._header_lines = 0
+        self.in_part_headers = True
+
+    def on_header_begin(self) -> None:
+        self._header_lines += 1
+        if self._header_lines > _MAX_PART_HEADER_LINES:
+            raise Problem("invalid-request", f"a form part has more than {_MAX_PART_HEADER_LINES} header lines")
 
     def on_header_field(self, data: bytes, start: int, end: int) -> None:
+        self._count_header_bytes(end - start)
         self._header_name += data[start:end]
 
     def on_header_value(self, data: bytes, start: int, end: int) -> None:
+        self._count_header_bytes(end - start)
         self._header_value += data[start:end]
+
+    def _count_header_bytes(self, count: int) -> None:
+        self._header_bytes += count
+        if self._header_bytes > _MAX_PART_HEADER_BYTES:
+            raise Problem("invalid-request", _HEADERS_TOO_LONG)
 
     def on_header_end(self) -> None:
         self._headers[self._header_name.strip().lower()] = self._header_value.strip()
         self._header_name = self._header_value = b""
 
     def on_headers_finished(self) -> None:
+        self.in_part_headers = False
         _, options = parse_options_header(self._headers.get(b"content-disposition", b""))
         name = options.get(b"name", b"").decode("latin-1")
         if name not in _FIELDS:
@@ -82,18 +120,26 @@ class _FormCollector:
             slug = "transcript-too-long" if self._part.name == "text" else "invalid-request"
             raise Problem(slug, f"the form field '{self._part.name}' exceeds {self._field_cap(self._part.name)} bytes")
 
+    def on_end(self) -> None:
+        self.complete = True
+
     def _field_cap(self, name: str) -> int:
         return self._limits.max_text_bytes if name == "text" else _MAX_SHORT_FIELD_BYTES
 
     def callbacks(self) -> dict:
         return {
             "on_part_begin": self.on_part_begin,
+            "on_header_begin": self.on_header_begin,
             "on_header_field": self.on_header_field,
             "on_header_value": self.on_header_value,
             "on_header_end": self.on_header_end,
             "on_headers_finished": self.on_headers_finished,
             "on_part_data": self.on_part_data,
+            "on_end": self.on_end,
         }
+
+
+_HEADERS_TOO_LONG = f"a form part's headers exceed {_MAX_PART_HEADER_BYTES} bytes"
 
 
 def _too_large(limits: UploadLimits) -> Problem:
@@ -119,18 +165,47 @@ async def read_align_form(request: Request, limits: UploadLimits) -> AlignForm:
             raise _too_large(limits)  # refused before reading a byte of the body
 
     collector = _FormCollector(limits)
-    parser = MultipartParser(_boundary(request), collector.callbacks())
+    # The library's own per-line bound is set to ours, so one oversized line fails at the same size.
+    parser = MultipartParser(
+        _boundary(request),
+        collector.callbacks(),
+        max_header_count=_MAX_PART_HEADER_LINES + 1,  # ours (on_header_begin) answers first, with its own detail
+        max_header_size=_MAX_PART_HEADER_BYTES,
+    )
     received = 0
     try:
-        async for chunk in request.stream():
+        async for chunk in _paced(request.stream(), limits):
             received += len(chunk)
             if received > limits.max_body_bytes:
                 raise _too_large(limits)  # chunked uploads carry no Content-Length: count them
             parser.write(chunk)
         parser.finalize()
     except FormParserError:
-        raise Problem("invalid-request", "the body is not valid multipart/form-data") from None
+        detail = _HEADERS_TOO_LONG + " or are malformed" if collector.in_part_headers else "the body is not valid multipart/form-data"
+        raise Problem("invalid-request", detail) from None
+    if not collector.complete:
+        raise Problem("invalid-request", "the body ended before the closing multipart boundary")
     return _form_from_parts(collector.parts)
+
+
+async def _paced(chunks: AsyncIterator[bytes], limits: UploadLimits) -> AsyncIterator[bytes]:
+    """The body's chunks, cut off with a 408 when the sender goes idle or trickles."""
+    started = time.monotonic()
+    received = 0
+    while True:
+        try:
+            chunk = await asyncio.wait_for(anext(chunks), limits.idle_timeout_s)
+        except StopAsyncIteration:
+            return
+        except asyncio.TimeoutError:
+            raise Problem("request-timeout", f"the upload sent nothing for {limits.idle_timeout_s:g} s") from None
+        received += len(chunk)
+        elapsed = time.monotonic() - started
+        if elapsed > limits.rate_grace_s and received < limits.min_bytes_per_s * elapsed:
+            raise Problem(
+                "request-timeout", f"the upload is slower than {limits.min_bytes_per_s:g} bytes/s after {limits.rate_grace_s:g} s"
+            )
+        yield chunk
 
 
 def _form_from_parts(parts: dict[str, _Part]) -> AlignForm:

@@ -13,6 +13,14 @@ cleaning Qwen3-ForcedAligner applies, so its units come back one for one.
 
 We validate and never rewrite: no HTML escaping, no case folding of the words returned. Failures
 raise `TranscriptRejected` whose `reason` is a problem slug (serve_app.api.problems).
+
+Invisible characters, one rule (docs/errors.md): a byte-order mark (U+FEFF) at the very start is
+removed (Windows editors write one; it is not text). Every other format character (Unicode
+category Cf: zero-width space, non-joiner and joiner, word joiner, U+FEFF elsewhere, the
+left-to-right, right-to-left and Arabic letter marks, soft hyphen, bidi controls...) is refused
+with a 422 naming its code point: it would make a word differ from what the caller sees without
+changing how it looks. The one exception is what emoji sequences are built of, ZWJ (U+200D) and tag
+characters (U+E0020-U+E007F), where no letter or digit is next to it: those words hold no units.
 """
 
 from __future__ import annotations
@@ -26,6 +34,8 @@ from serve_app.api.languages import CHARACTER_UNIT_LANGUAGES
 # (and from what is logged or shown to reviewers): reject them.
 _BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
 _ALLOWED_CONTROLS = frozenset("\t\n\r")
+_BYTE_ORDER_MARK = "\ufeff"
+_ZERO_WIDTH_JOINER = "\u200d"
 _APOSTROPHES = {"\u2019": "'", "\u02bc": "'"}  # typographic apostrophes align like ASCII ones
 
 # Upper bounds on speaking rate, used to refuse a transcript that cannot possibly be spoken in the
@@ -137,15 +147,30 @@ def validate_text(text: str, max_chars: int) -> None:
         raise TranscriptRejected("invalid-transcript", "the transcript is empty")
     if len(text) > max_chars:
         raise TranscriptRejected("transcript-too-long", f"the transcript exceeds {max_chars} characters")
-    for char in text:
+    for index, char in enumerate(text):
+        category = unicodedata.category(char)
         if char in _BIDI_CONTROLS:
             raise TranscriptRejected("invalid-transcript", f"the transcript contains a bidirectional control character (U+{ord(char):04X})")
-        if unicodedata.category(char) in ("Cc", "Cs") and char not in _ALLOWED_CONTROLS:
+        if category in ("Cc", "Cs") and char not in _ALLOWED_CONTROLS:
             raise TranscriptRejected("invalid-transcript", f"the transcript contains a control character (U+{ord(char):04X})")
+        if category == "Cf" and not _joins_emoji(text, index):
+            raise TranscriptRejected(
+                "invalid-transcript", f"the transcript contains an invisible format character (U+{ord(char):04X}); remove it"
+            )
+
+
+def _joins_emoji(text: str, index: int) -> bool:
+    """ZWJ or a tag character with no letter or digit on either side: part of an emoji sequence."""
+    char = text[index]
+    if char != _ZERO_WIDTH_JOINER and not 0xE0020 <= ord(char) <= 0xE007F:
+        return False
+    neighbours = text[max(0, index - 1) : index] + text[index + 1 : index + 2]
+    return not any(_is_kept(neighbour) for neighbour in neighbours)
 
 
 def parse_transcript(text: str, language: str, *, max_chars: int, max_units: int) -> Transcript:
     """Validate `text` and split it into words and units for `language` (a canonical name)."""
+    text = text.removeprefix(_BYTE_ORDER_MARK)  # the one character ever removed (module docstring)
     validate_text(text, max_chars)
     tokens = text.split()
     if language in CHARACTER_UNIT_LANGUAGES:

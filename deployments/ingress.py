@@ -38,6 +38,7 @@ import numpy as np
 from fastapi import Depends, FastAPI, Request, Response
 from fastapi.responses import JSONResponse, PlainTextResponse
 from ray import serve
+from ray.exceptions import RayError
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
@@ -265,7 +266,7 @@ class Ingress:
         response_model=DependencyReport,
         tags=["admin"],
         summary="Each dependency's state at the last background probe",
-        responses=problem_responses(401, 403, 429, 503),
+        responses=problem_responses(400, 401, 403, 429, 503),
     )
     async def dependencies(self, caller: Caller = Depends(authorized("admin"))) -> DependencyReport:
         report = self._fresh_dependencies()

@@ -15,6 +15,11 @@ request-id middleware inside these, so what they put in the scope is what Serve 
   takes at most MAX_JSON_BODY_BYTES. A larger declared Content-Length is answered 413 here, without
   a deployment call; a chunked body is counted and cut off (413) once it passes the cap, so no
   deployment is ever handed more.
+- UploadNeedsCredential: an upload (`/v1/align`) that carries no credential header at all
+  (neither `Authorization` nor `X-API-Key`) can only be answered 401, so the ingress is handed an
+  empty body instead of the client's: it still admits, authenticates, counts and audits the request
+  as always, and no byte of the body is ever read, by the proxy or the replica. (Serve's proxy
+  otherwise streams the body into the replica while the ingress is still authenticating.)
 - ReadinessCache: GET /v1/ready answers (under any route prefix) are reused for
   READINESS_CACHE_S, with one call in flight per path, so a flood of load-balancer probes costs the
   Ingress deployment at most one call per second instead of taking its slots (and Serve's queue).
@@ -44,6 +49,7 @@ from serve_app.api.json_body import MAX_JSON_BODY_BYTES
 from serve_app.api.problems import PROBLEM_MEDIA_TYPE, Problem, problem_body
 
 CLIENT_CONTROLLED_HEADERS = frozenset({b"x-request-timeout-seconds", b"x-request-disconnect-disabled"})
+CREDENTIAL_HEADERS = frozenset({b"authorization", b"x-api-key"})  # serve_app.security.authenticate reads these only
 REQUEST_ID_HEADER = b"x-request-id"
 _SAFE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 UPLOAD_PATH_SUFFIX = "/v1/align"  # under any route prefix
@@ -116,7 +122,7 @@ class BodyCap:
         self.max_bytes = max_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"].rstrip("/").endswith(UPLOAD_PATH_SUFFIX):
+        if scope["type"] != "http" or _is_upload(scope):
             await self.app(scope, receive, send)
             return
         too_large = Problem("payload-too-large", f"the request body exceeds {self.max_bytes} bytes (uploads go to /v1/align)")
@@ -151,6 +157,33 @@ class BodyCap:
         await self.app(scope, counted_receive, guarded_send)
         if cut_off and not response_started:
             await send_problem(send, too_large, request_id_of(scope))
+
+
+class UploadNeedsCredential:
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not _is_upload(scope) or any(name.lower() in CREDENTIAL_HEADERS for name, _ in scope["headers"]):
+            await self.app(scope, receive, send)
+            return
+        body_given = False
+
+        async def empty_body() -> Message:
+            nonlocal body_given
+            if not body_given:
+                body_given = True
+                return {"type": "http.request", "body": b"", "more_body": False}
+            # Never read the client's body, not even to notice a disconnect: Serve cancels this wait
+            # once the (401) answer is sent.
+            await asyncio.Event().wait()
+            return {"type": "http.disconnect"}
+
+        await self.app(scope, empty_body, send)
+
+
+def _is_upload(scope: Scope) -> bool:
+    return scope["path"].rstrip("/").endswith(UPLOAD_PATH_SUFFIX)
 
 
 @dataclass(frozen=True)
@@ -244,5 +277,6 @@ def proxy_middlewares() -> list[Middleware]:
         Middleware(ProxyErrorsAsProblems),
         Middleware(ReadinessCache),
         Middleware(BodyCap),
+        Middleware(UploadNeedsCredential),
         Middleware(SafeRequestId),
     ]

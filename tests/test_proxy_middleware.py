@@ -109,9 +109,28 @@ async def test_chunked_body_is_cut_off_at_the_cap():
 async def test_uploads_are_left_to_the_ingress_cap(path):
     deployment = Deployment()
     async with client(deployment) as proxy:
-        response = await proxy.post(path, content=chunks(16))
+        response = await proxy.post(path, content=chunks(16), headers={"X-API-Key": "fa_anything"})
     assert response.status_code == 200
     assert len(deployment.body) == 16 * 16 * 1024
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("path", ["/v1/align", "/qwen3/v1/align"])
+async def test_an_upload_without_any_credential_reaches_the_ingress_without_its_body(path):
+    deployment = Deployment()  # stands for the ingress, which answers it 401 (and counts, audits it)
+    async with client(deployment) as proxy:
+        response = await proxy.post(path, content=chunks(16))
+    assert response.status_code == 200 and deployment.calls == 1
+    assert deployment.body == b""
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("credential", [{"Authorization": "Bearer x"}, {"x-api-key": "x"}])
+async def test_an_upload_with_a_credential_header_keeps_its_body(credential):
+    deployment = Deployment()
+    async with client(deployment) as proxy:
+        await proxy.post("/v1/align", content=b"audio", headers=credential)
+    assert deployment.body == b"audio"
 
 
 @pytest.mark.asyncio

@@ -29,6 +29,7 @@ from ray import serve
 
 from deployments.backends import load_backend
 from deployments.backends.base import SAMPLE_RATE, AlignerBackend, AlignmentJob, BackendFailed, BackendInfo, JobOutcome
+from deployments.probe_access_log import quiet_probe_access_logs
 from serve_app import metrics
 from serve_app.settings import AlignerOptions, GraphArgs
 
@@ -53,6 +54,7 @@ class Aligner:
     def __init__(self, args: GraphArgs, backend: AlignerBackend | None = None) -> None:
         """`backend`: an already built one (tests and bench/); otherwise the one `args` names."""
         metrics.label_with_replica()
+        quiet_probe_access_logs("load", "info")  # the ingress probes these every second or two
         self._backend = backend or load_backend(args)
         # Backends are not thread-safe (one decoder): batches and the health probe take turns.
         self._backend_lock = asyncio.Lock()

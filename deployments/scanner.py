@@ -19,6 +19,7 @@ import os
 import numpy as np
 from ray import serve
 
+from deployments.probe_access_log import quiet_probe_access_logs
 from serve_app import metrics
 from serve_app.media.clamav import ClamdScanner
 from serve_app.media.inspect import Rejection, ScanUnavailable, Verdict, decode_limits, inspect_upload
@@ -38,6 +39,7 @@ _CLAMD_PROBE_INTERVAL_S = 5.0
 class Scanner:
     def __init__(self) -> None:
         metrics.label_with_replica()
+        quiet_probe_access_logs("load", "ready")  # the ingress probes these every second or two
         self._clamd_address = Environment.from_env().clamd_address
         self._in_flight = 0
         self._probe = asyncio.get_running_loop().create_task(self._probe_clamd())

@@ -101,7 +101,13 @@ def label_with_replica() -> None:
     replica = serve_context._get_internal_replica_context()
     if replica is None:
         return
-    _label_all({"application": replica.app_name or "", "deployment": replica.deployment, "replica": replica.replica_tag})
+    label_process(replica.app_name or "", replica.deployment, replica.replica_tag)
+
+
+def label_process(application: str, deployment: str, replica: str) -> None:
+    """Label every metric this process records (label_with_replica in replicas; a test driver that
+    runs deployment code in-process names itself, so its series are never mistaken for a replica's)."""
+    _label_all({"application": application, "deployment": deployment, "replica": replica})
 
 
 @contextmanager

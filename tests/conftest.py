@@ -22,6 +22,7 @@ import httpx
 import pytest
 import pytest_asyncio
 
+from serve_app import metrics
 from serve_app.security.api_keys import ApiKeyStore
 from serve_app.security.redis_store import request_path_client
 
@@ -33,6 +34,7 @@ from tests.support.secrets_seen import remember
 from tools.local_services import ClamdServer, RedisServer
 
 PEPPER = b"test-pepper-not-for-production-0001"
+DRIVER_APPLICATION = "pytest-driver"  # the application label of metrics this process records
 
 EVAL_DIR = ROOT.parent / "shared" / "eval" / "emuR_ae"
 TEST_MAX_UPLOAD_BYTES = 4 * 1024 * 1024  # small, so the 413 tests stay quick
@@ -122,6 +124,9 @@ def ray_cluster(redis_server, clamd_server, audit_log_path):
     os.environ["ALIGNER_API_KEY_PEPPER"] = PEPPER.decode()
     os.environ["ALIGNER_AUDIT_LOG"] = str(audit_log_path)
     start_ray()
+    # Tests drive deployment code in-process too (tests/test_backend_failures.py): what this driver
+    # records reaches the cluster's metrics, labelled as the driver's, not as a replica's.
+    metrics.label_process(DRIVER_APPLICATION, "pytest", "driver")
     yield ray
     ray.shutdown()
 

@@ -98,15 +98,6 @@ def test_the_plan_limit_never_raises_the_ingress_limit():
     assert options.longest_audio_seconds(options.plans["standard"]) == 120
 
 
-@pytest.mark.parametrize("path", ["configs/serve.yaml", "configs/serve.gpu.yaml"])
-def test_probed_deployments_write_no_access_line_per_call(path):
-    # The shedder probes Scanner.load and Aligner.load every second: an access line per call drowns the console.
-    config = yaml.safe_load((ROOT / path).read_text())
-    for name in ("Scanner", "Aligner"):
-        assert deployment(config, name)["logging_config"] == {"enable_access_log": False}, name
-    assert deployment(config, "Ingress").get("logging_config", {}).get("enable_access_log", True)  # requests stay logged
-
-
 def test_make_serve_prints_the_curl_line_without_the_key():
     import subprocess
 

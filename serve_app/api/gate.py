@@ -171,7 +171,7 @@ class Gate:
         are unaffected, and the client should finish what it has in flight before sending more.
         """
         assert caller.principal is not None
-        limit = self.options.plans.get(caller.principal.plan, self.options.plans["standard"]).max_concurrent_requests
+        limit = self._plan(caller.principal).max_concurrent_requests
         try:
             async with self.concurrency.slot(principal_key(caller.principal), limit) as shared:
                 metrics.RATELIMIT_DECISIONS.inc(tags={"policy": CONCURRENCY_POLICY, "result": "allowed" if shared else "error_allowed"})

@@ -44,12 +44,13 @@ from ray.serve.handle import DeploymentHandle
 
 from deployments.backends.base import AlignmentFailed, AlignmentJob, BackendFailed, BackendInfo, JobOutcome, UnitTiming
 from serve_app import metrics
-from serve_app.api import admin, formats
+from serve_app.api import admin
+from serve_app.text import formats
 from serve_app.api.openapi_security import with_security_schemes
 from serve_app.api.dependencies import authorized
-from serve_app.api.formats import OutputFormat
+from serve_app.text.formats import OutputFormat
 from serve_app.api.gate import Caller, Gate
-from serve_app.api.languages import canonical_language
+from serve_app.text.languages import canonical_language
 from serve_app.api.models import (
     ALIGN_REQUEST_BODY,
     AlignForm,
@@ -61,7 +62,8 @@ from serve_app.api.models import (
     WordOut,
     problem_responses,
 )
-from serve_app.api.problems import PROBLEM_TYPES, Problem, install_problem_handlers, unavailable
+from serve_app.api.problems import install_problem_handlers
+from serve_app.problems import PROBLEM_TYPES, Problem, unavailable
 from serve_app.api.upload import UploadLimits, read_align_form
 from serve_app.proxy_middleware import is_safe_request_id
 from serve_app.media import DecodedAudio

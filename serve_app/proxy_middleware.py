@@ -46,7 +46,7 @@ from starlette.middleware import Middleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from serve_app.api.json_body import MAX_JSON_BODY_BYTES
-from serve_app.api.problems import PROBLEM_MEDIA_TYPE, Problem, problem_body
+from serve_app.problems import PROBLEM_MEDIA_TYPE, Problem, problem_body
 
 CLIENT_CONTROLLED_HEADERS = frozenset({b"x-request-timeout-seconds", b"x-request-disconnect-disabled"})
 CREDENTIAL_HEADERS = frozenset({b"authorization", b"x-api-key"})  # serve_app.security.authenticate reads these only

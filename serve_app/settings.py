@@ -27,7 +27,7 @@ from typing import Literal, Mapping
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
-from serve_app.api.languages import canonical_language
+from serve_app.text.languages import canonical_language
 
 
 class _Strict(BaseModel):

@@ -19,7 +19,7 @@ import pytest
 
 from deployments.backends.base import SAMPLE_RATE, AlignmentFailed, AlignmentJob, BackendFailed, UnitTiming
 from deployments.backends.qwen3 import ModelUnavailable, Qwen3Backend
-from serve_app.api.languages import LANGUAGES
+from serve_app.text.languages import LANGUAGES
 from tests.support.tiny_qwen3 import write_tiny_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,6 +1,6 @@
 """SRT, WebVTT and TextGrid rendering."""
 
-from serve_app.api.formats import to_srt, to_textgrid, to_vtt
+from serve_app.text.formats import to_srt, to_textgrid, to_vtt
 from serve_app.text.timing import WordTiming
 
 WORDS = [WordTiming("Hello,", 0.1, 0.45), WordTiming("<b>&", 0.45, 0.45), WordTiming('say "hi"', 61.5, 3725.0)]

@@ -11,7 +11,7 @@ from typing import get_args
 
 import pytest
 
-from serve_app.api.problems import PROBLEM_TYPES
+from serve_app.problems import PROBLEM_TYPES
 from serve_app.media.clamav import ClamdScanner
 from serve_app.media.errors import RejectionReason
 from serve_app.media.inspect import decode_limits

@@ -2,7 +2,7 @@
 
 import pytest
 
-from serve_app.api.languages import LANGUAGES, canonical_language
+from serve_app.text.languages import LANGUAGES, canonical_language
 
 
 @pytest.mark.parametrize(

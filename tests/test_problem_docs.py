@@ -3,7 +3,7 @@
 import re
 from pathlib import Path
 
-from serve_app.api.problems import PROBLEM_TYPES
+from serve_app.problems import PROBLEM_TYPES
 
 ERRORS_DOC = Path(__file__).resolve().parents[1] / "docs" / "errors.md"
 

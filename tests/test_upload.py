@@ -12,7 +12,7 @@ import time
 import pytest
 from starlette.requests import Request
 
-from serve_app.api.problems import Problem
+from serve_app.problems import Problem
 from serve_app.api.upload import UploadLimits, read_align_form
 
 BOUNDARY = b"testboundary42"

@@ -27,7 +27,7 @@ class AlignmentJob:
 
     audio: np.ndarray  # float32, mono, SAMPLE_RATE, values in [-1, 1]
     units: tuple[str, ...]  # normalised alignment units, in spoken order; never empty
-    language: str  # canonical language name, one of serve_app.api.languages.LANGUAGES
+    language: str  # canonical language name, one of serve_app.text.languages.LANGUAGES
 
 
 @dataclass(frozen=True)

@@ -45,7 +45,7 @@ from deployments.backends.base import (
     JobOutcome,
     UnitTiming,
 )
-from serve_app.api.languages import LANGUAGES
+from serve_app.text.languages import LANGUAGES
 
 if TYPE_CHECKING:
     from qwen_asr import Qwen3ForcedAligner

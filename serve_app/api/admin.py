@@ -16,7 +16,7 @@ from serve_app.api.dependencies import authorized, gate
 from serve_app.api.gate import Caller, Gate
 from serve_app.api.json_body import json_request_body, read_json_body
 from serve_app.api.models import BanOut, KeyCreate, KeyCreated, KeyOut, KeyRotate, problem_responses
-from serve_app.api.problems import Problem
+from serve_app.problems import Problem
 from serve_app.security.api_keys import KeyRecord, UnknownKey
 
 router = APIRouter(prefix="/v1/admin", tags=["admin"], responses=problem_responses(400, 401, 403, 404, 422, 429, 503))

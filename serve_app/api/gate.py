@@ -34,7 +34,7 @@ import httpx
 from fastapi import Request
 
 from serve_app import metrics
-from serve_app.api.problems import Problem
+from serve_app.problems import Problem
 from serve_app.security.abuse import AbuseEvent, AbuseMonitor, refusal_event
 from serve_app.security.api_keys import ApiKeyStore, ApiKeyVerifier
 from serve_app.security.audit import AuditContext, AuditLog

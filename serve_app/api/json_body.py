@@ -18,7 +18,7 @@ from typing import TypeVar
 from fastapi import Request
 from pydantic import BaseModel, ValidationError
 
-from serve_app.api.problems import Problem
+from serve_app.problems import Problem
 
 MAX_JSON_BODY_BYTES = 64 * 1024  # admin bodies are a few hundred bytes; the proxy holds every non-upload route to this too
 

@@ -6,9 +6,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from serve_app.api.formats import OutputFormat
-from serve_app.api.languages import accepted_values
-from serve_app.api.problems import PROBLEM_MEDIA_TYPE
+from serve_app.text.formats import OutputFormat
+from serve_app.text.languages import accepted_values
+from serve_app.problems import PROBLEM_MEDIA_TYPE
 
 
 class AlignForm(BaseModel):

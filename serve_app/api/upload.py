@@ -26,9 +26,9 @@ from fastapi import Request
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
-from serve_app.api.formats import OutputFormat
+from serve_app.text.formats import OutputFormat
 from serve_app.api.models import AlignForm
-from serve_app.api.problems import Problem
+from serve_app.problems import Problem
 
 _FIELDS = ("audio", "text", "language", "format")
 _MAX_SHORT_FIELD_BYTES = 64  # language and format values are short codes

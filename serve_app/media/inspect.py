@@ -24,7 +24,7 @@ from serve_app.settings import ScannerOptions
 
 @dataclass(frozen=True)
 class Rejection:
-    reason: str  # a problem slug (serve_app.api.problems)
+    reason: str  # a problem slug (serve_app.problems)
     detail: str  # safe to show the client
     signature: str | None = None  # malware only: for the audit log, never the client
 

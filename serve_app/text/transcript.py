@@ -12,7 +12,7 @@ cleaning Qwen3-ForcedAligner applies, so its units come back one for one.
   time next to its neighbour so the response keeps one entry per input word.
 
 We validate and never rewrite: no HTML escaping, no case folding of the words returned. Failures
-raise `TranscriptRejected` whose `reason` is a problem slug (serve_app.api.problems).
+raise `TranscriptRejected` whose `reason` is a problem slug (serve_app.problems).
 
 Invisible characters, one rule (docs/errors.md): a byte-order mark (U+FEFF) at the very start is
 removed (Windows editors write one; it is not text). Every other format character (Unicode
@@ -28,7 +28,7 @@ from __future__ import annotations
 import unicodedata
 from dataclasses import dataclass
 
-from serve_app.api.languages import CHARACTER_UNIT_LANGUAGES
+from serve_app.text.languages import CHARACTER_UNIT_LANGUAGES
 
 # Bidi embedding/override/isolate controls can make displayed text differ from what is aligned
 # (and from what is logged or shown to reviewers): reject them.

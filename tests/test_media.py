@@ -79,7 +79,7 @@ EXPECTED_DEMUXER = {
 ROUND_TRIP_CONTAINERS = [name for name in CONTAINERS if name != "mp3-bare"]
 
 
-_spool: Spool  # set for each test by the fixture below
+_spool: Spool | None = None  # set for each test by the fixture below
 
 
 @pytest.fixture(autouse=True)

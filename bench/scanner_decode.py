@@ -10,13 +10,15 @@ PASS/FAIL against the p50 target, and the CPU-time p50 beside them (steadier on 
 The clamd INSTREAM scan of the whole upload is included: the bench starts its own clamd
 (tools.local_services, the generated test signatures) in a temporary directory; clamd's time is
 wall time in another process, so it shows in the wall p50, not in the CPU p50. --no-clamd leaves
-it out. Finally the hostile corpus (tests.support.hostile) runs through sniff + clamd + decode in a
-fresh process, whose peak RSS is reported against the 500 MB target, with the slowest refusal.
+it out. Uploads go through a temporary spool (serve_app.media.spool) as in the service: the
+upload and its decoded PCM are files, read and written in chunks. Finally the hostile corpus
+(tests.support.hostile) runs through sniff + clamd + decode in a fresh process, whose peak RSS is reported against the 500 MB target, with the slowest refusal.
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import multiprocessing
 import tempfile
 import time
@@ -27,7 +29,7 @@ from pathlib import Path
 import av
 import numpy as np
 
-from serve_app.media import DecodeLimits, MediaRejected, decode_audio, sniff_container
+from serve_app.media import DecodeLimits, MediaRejected, Spool, decode_audio, sniff_container
 from serve_app.media.clamav import ClamdScanner
 from tests.support.audio import encode, silence_flac
 from serve_app.media.inspect import decode_limits
@@ -96,24 +98,26 @@ def build_cases(repeats: int) -> list[Case]:
     ]
 
 
-def inspect(upload: bytes, clamd: ClamdScanner | None) -> str:
+def inspect(upload: bytes, clamd: ClamdScanner | None, spool: Spool) -> str:
     """ACCEPTED or the problem slug, as a Scanner replica decides (without clamd when None)."""
     if clamd is not None:
-        return scanner_outcome(upload, clamd, LIMITS) or ACCEPTED
+        return scanner_outcome(upload, clamd, LIMITS, spool) or ACCEPTED
+    source = io.BytesIO(upload)
     try:
-        decode_audio(upload, sniff_container(upload), LIMITS)
+        with spool.writer("pcm") as sink:
+            spool.remove(decode_audio(source, sniff_container(source), LIMITS, sink).pcm_path)
     except MediaRejected as rejection:
         return rejection.reason
     return ACCEPTED
 
 
-def time_case(case: Case, clamd: ClamdScanner | None) -> tuple[list[float], list[float]]:
+def time_case(case: Case, clamd: ClamdScanner | None, spool: Spool) -> tuple[list[float], list[float]]:
     """Wall-clock and CPU milliseconds of each timed run (CPU time is steadier on a busy host)."""
-    inspect(case.upload, clamd)  # warm-up: codec tables, first allocations
+    inspect(case.upload, clamd, spool)  # warm-up: codec tables, first allocations
     wall_ms, cpu_ms = [], []
     for _ in range(case.repeats):
         wall_started, cpu_started = time.perf_counter(), time.process_time()
-        outcome = inspect(case.upload, clamd)
+        outcome = inspect(case.upload, clamd, spool)
         wall_ms.append((time.perf_counter() - wall_started) * 1000)
         cpu_ms.append((time.process_time() - cpu_started) * 1000)
         if outcome != case.expected_outcome:
@@ -121,23 +125,24 @@ def time_case(case: Case, clamd: ClamdScanner | None) -> tuple[list[float], list
     return wall_ms, cpu_ms
 
 
-def run_corpus(clamd_address: str) -> dict[str, float | str]:
+def run_corpus(clamd_address: str, spool_directory: str) -> dict[str, float | str]:
     """In a fresh process: every hostile case through sniff + clamd + decode, checked against its
     expected outcome, then once more timed; peak RSS (after imports, and overall) and the slowest
     refusal of the timed pass."""
     clamd = ClamdScanner(clamd_address, CLAMD_TIMEOUT_S)
+    spool = Spool(spool_directory)
     limits = decode_limits(ScannerOptions())
     baseline_mb = _peak_rss_mb()
     uploads = [(case, case.build()) for case in HOSTILE_CASES]
     for case, upload in uploads:  # checks every outcome, and warms codec tables up
-        outcome = scanner_outcome(upload, clamd, limits)
+        outcome = scanner_outcome(upload, clamd, limits, spool)
         if outcome != case.expected_slug:
             raise SystemExit(f"{case.name}: expected {case.expected_slug}, got {outcome}")
     refusal_ms: dict[str, float] = {}
     for case, upload in uploads:
         if not case.accepted:
             started = time.perf_counter()
-            scanner_outcome(upload, clamd, limits)
+            scanner_outcome(upload, clamd, limits, spool)
             refusal_ms[case.name] = (time.perf_counter() - started) * 1000
     slowest_refusal = max(refusal_ms, key=refusal_ms.get)
     return {
@@ -158,10 +163,10 @@ def _peak_rss_mb() -> float:
     raise RuntimeError("no VmHWM in /proc/self/status (Linux only)")
 
 
-def report_corpus(clamd_address: str) -> bool:
+def report_corpus(clamd_address: str, spool_directory: str) -> bool:
     # A spawned process: its peak RSS is the corpus's plus the imports, not this process's history.
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        corpus = pool.submit(run_corpus, clamd_address).result()
+        corpus = pool.submit(run_corpus, clamd_address, spool_directory).result()
     memory_met = corpus["peak_mb"] < CORPUS_PEAK_RSS_TARGET_MB
     refusal_met = corpus["slowest_refusal_ms"] <= REFUSAL_TARGET_MS
     print(
@@ -176,13 +181,13 @@ def report_corpus(clamd_address: str) -> bool:
     return memory_met and refusal_met
 
 
-def run_cases(repeats: int, clamd: ClamdScanner | None) -> bool:
+def run_cases(repeats: int, clamd: ClamdScanner | None, spool: Spool) -> bool:
     print("sniff + clamd INSTREAM + decode + resample" if clamd else "sniff + decode + resample (no clamd)")
     header = f"{'case':44} {'upload':>9} {'p50 ms':>8} {'p95 ms':>8} {'cpu p50':>8}"
     print(f"{header}  target (wall p50)")
     all_met = True
     for case in build_cases(repeats):
-        wall_ms, cpu_ms = time_case(case, clamd)
+        wall_ms, cpu_ms = time_case(case, clamd, spool)
         p50, p95 = np.percentile(wall_ms, [50, 95])
         if case.target_p50_ms is None:
             verdict = "info (bounded by the caps and max_wall_seconds)"
@@ -205,17 +210,19 @@ def main() -> None:
     parser.add_argument("--no-clamd", action="store_true", help="sniff + decode only, no corpus run")
     arguments = parser.parse_args()
 
-    if arguments.no_clamd:
-        all_met = run_cases(arguments.repeats, None)
-    else:
-        with tempfile.TemporaryDirectory(prefix="bench-clamd-") as clamd_directory:
-            clamd_server = ClamdServer(Path(clamd_directory)).start()
-            try:
-                address = f"unix://{clamd_server.socket_path}"
-                all_met = run_cases(arguments.repeats, ClamdScanner(address, CLAMD_TIMEOUT_S))
-                all_met &= report_corpus(address)
-            finally:
-                clamd_server.stop()
+    with tempfile.TemporaryDirectory(prefix="bench-spool-") as spool_directory:
+        spool = Spool(spool_directory)
+        if arguments.no_clamd:
+            all_met = run_cases(arguments.repeats, None, spool)
+        else:
+            with tempfile.TemporaryDirectory(prefix="bench-clamd-") as clamd_directory:
+                clamd_server = ClamdServer(Path(clamd_directory)).start()
+                try:
+                    address = f"unix://{clamd_server.socket_path}"
+                    all_met = run_cases(arguments.repeats, ClamdScanner(address, CLAMD_TIMEOUT_S), spool)
+                    all_met &= report_corpus(address, spool_directory)
+                finally:
+                    clamd_server.stop()
     print("all targets met" if all_met else "some targets missed")
 
 

@@ -11,6 +11,7 @@ from typing import get_args
 
 import pytest
 
+from serve_app.media import Spool
 from serve_app.problems import PROBLEM_TYPES
 from serve_app.media.clamav import ClamdScanner
 from serve_app.media.errors import RejectionReason
@@ -31,8 +32,10 @@ def clamd(clamd_server) -> ClamdScanner:
 
 
 @pytest.mark.parametrize("case", HOSTILE_CASES, ids=lambda case: case.name)
-def test_case_gets_its_expected_outcome(case: HostileCase, clamd: ClamdScanner):
-    assert scanner_outcome(case.build(), clamd, decode_limits(ScannerOptions())) == case.expected_slug
+def test_case_gets_its_expected_outcome(case: HostileCase, clamd: ClamdScanner, tmp_path):
+    spool = Spool(tmp_path / "spool")
+    assert scanner_outcome(case.build(), clamd, decode_limits(ScannerOptions()), spool) == case.expected_slug
+    assert list((tmp_path / "spool").iterdir()) == []
 
 
 @pytest.mark.parametrize("case", HOSTILE_CASES, ids=lambda case: case.name)

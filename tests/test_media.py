@@ -1,14 +1,22 @@
-"""Sniffing and bounded decoding of untrusted uploads (serve_app.media), on audio generated here."""
+"""Sniffing and bounded decoding of untrusted uploads (serve_app.media), on audio generated here.
+
+Decoding writes PCM into a real spool in pytest's temporary directory; the tests read the samples
+back with read_samples, as an aligner does.
+"""
 
 from __future__ import annotations
 
 import io
 import json
+import math
+import os
 import pickle
 import subprocess
 import sys
+import tracemalloc
 import wave
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import av
@@ -19,13 +27,18 @@ import pytest
 
 from deployments.backends.base import SAMPLE_RATE
 from serve_app.media import (
+    ENVELOPE_FRAME_SAMPLES,
     DecodedAudio,
     DecodeLimits,
     MediaRejected,
+    Spool,
     decode_audio,
+    read_samples,
     sniff_container,
 )
+from serve_app.media.clamav import ClamdScanner
 from serve_app.media.decode import container_options
+from serve_app.media.inspect import Rejection, ScanUnavailable, inspect_upload
 from serve_app.media.sniff import DEMUXER_BY_MIME, MAX_LEADING_TAGS, SNIFF_BYTES
 from tests.support.audio import (
     CONTAINERS,
@@ -38,6 +51,8 @@ from tests.support.audio import (
     wav_with_chunks_before_fmt,
     with_cover_art,
 )
+from tests.support.hostile import embedded_mid_file
+from tools.local_services import eicar
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TONE_HZ = 440.0
@@ -64,8 +79,43 @@ EXPECTED_DEMUXER = {
 ROUND_TRIP_CONTAINERS = [name for name in CONTAINERS if name != "mp3-bare"]
 
 
-def _sniff_and_decode(data: bytes, limits: DecodeLimits = DecodeLimits()) -> DecodedAudio:
-    return decode_audio(data, sniff_container(data), limits)
+_spool: Spool | None = None  # set for each test by the fixture below
+
+
+@pytest.fixture(autouse=True)
+def spool_dir(tmp_path) -> Path:
+    """A fresh spool for each test, which the helpers below decode into."""
+    global _spool
+    _spool = Spool(tmp_path / "spool")
+    return tmp_path / "spool"
+
+
+@dataclass(frozen=True)
+class _Decoded:
+    """A DecodedAudio with its samples read back from the PCM file (its attributes pass through)."""
+
+    audio: DecodedAudio
+    samples: np.ndarray
+
+    def __getattr__(self, name: str):
+        return getattr(self.audio, name)
+
+
+def _sniff(upload: bytes) -> str:
+    return sniff_container(io.BytesIO(upload))
+
+
+def _decode(data: bytes, demuxer: str, limits: DecodeLimits = DecodeLimits()) -> _Decoded:
+    with _spool.writer("pcm") as sink:
+        audio = decode_audio(io.BytesIO(data), demuxer, limits, sink)
+    assert os.path.getsize(audio.pcm_path) == 2 * audio.sample_count
+    samples = read_samples(audio.pcm_path, 0, audio.sample_count)
+    _spool.remove(audio.pcm_path)
+    return _Decoded(audio, samples)
+
+
+def _sniff_and_decode(data: bytes, limits: DecodeLimits = DecodeLimits()) -> _Decoded:
+    return _decode(data, _sniff(data), limits)
 
 
 def _rejection(data: bytes, limits: DecodeLimits = DecodeLimits()) -> MediaRejected:
@@ -90,7 +140,7 @@ def test_every_test_container_sniffs_to_its_demuxer():
     assert set(EXPECTED_DEMUXER) == set(CONTAINERS)
     for name in CONTAINERS:
         upload = encode(tone(0.5, 16_000), 16_000, name)
-        assert sniff_container(upload) == EXPECTED_DEMUXER[name], name
+        assert _sniff(upload) == EXPECTED_DEMUXER[name], name
 
 
 def _zip_archive() -> bytes:
@@ -116,7 +166,7 @@ def _zip_archive() -> bytes:
 )
 def test_sniff_rejects_what_is_not_allowed_audio(upload: bytes):
     with pytest.raises(MediaRejected) as caught:
-        sniff_container(upload)
+        _sniff(upload)
     assert caught.value.reason == "unsupported-media-type"
 
 
@@ -156,7 +206,7 @@ def test_big_cover_is_bigger_than_what_libmagic_sees():
 @pytest.mark.parametrize("container", ["mp3", "flac", "mp4"])
 def test_big_cover_art_written_by_the_muxer_is_accepted(container: str):
     upload = encode(tone(2.0, 16_000), 16_000, container, cover_art=BIG_COVER)
-    assert sniff_container(upload) == EXPECTED_DEMUXER[container]
+    assert _sniff(upload) == EXPECTED_DEMUXER[container]
     decoded = _sniff_and_decode(upload)
     assert abs(decoded.duration_seconds - 2.0) <= DURATION_TOLERANCE_SECONDS + 0.1  # MP3 delay
     assert abs(_dominant_frequency(decoded.samples) - TONE_HZ) < 2.0
@@ -210,13 +260,13 @@ def test_id3v2_4_footer_is_skipped_too():
     bare = encode(tone(2.0, 16_000), 16_000, "mp3-bare")
     upload = id3v2_tag(text_frame(b"TIT2", "Episode 1"), major_version=4, footer=True) + bare
     assert _libmagic_alone(upload) is None  # the "3DI" footer hides the audio from libmagic
-    assert sniff_container(upload) == "mp3"
+    assert _sniff(upload) == "mp3"
     assert _sniff_and_decode(upload).duration_seconds == pytest.approx(2.0, abs=0.15)
 
 
 def test_id3v2_tag_in_front_of_flac_is_skipped():
     upload = with_cover_art(encode(tone(2.0, 16_000), 16_000, "flac"), BIG_COVER)
-    assert sniff_container(upload) == "flac"
+    assert _sniff(upload) == "flac"
     assert _sniff_and_decode(upload).duration_seconds == pytest.approx(2.0, abs=1e-3)
 
 
@@ -244,7 +294,7 @@ _BARE_MP3 = encode(tone(1.0, 16_000), 16_000, "mp3-bare")
 )
 def test_leading_id3v2_tags_are_skipped_strictly(upload: bytes, detail: str):
     with pytest.raises(MediaRejected) as caught:
-        sniff_container(upload)
+        _sniff(upload)
     assert caught.value.reason == "unsupported-media-type"
     assert detail in caught.value.detail
 
@@ -354,14 +404,16 @@ def test_hour_of_silence_is_refused_from_its_header(rate: int, channels: int):
 
 
 _PEAK_RSS_SCRIPT = """
-import json, resource
-from serve_app.media import DecodeLimits, MediaRejected, decode_audio
+import io, json, resource, sys, tempfile
+from serve_app.media import DecodeLimits, MediaRejected, Spool, decode_audio
 from tests.support.audio import silence_flac
 
-bomb = silence_flac(3600, 16_000, 1, declare_length=False)
+bomb = io.BytesIO(silence_flac(3600, 16_000, 1, declare_length=False))
+spool = Spool(sys.argv[1])
 before_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 try:
-    decode_audio(bomb, "flac", DecodeLimits(max_decoded_seconds=600))
+    with spool.writer("pcm") as sink:
+        decode_audio(bomb, "flac", DecodeLimits(max_decoded_seconds=600), sink)
     reason = None
 except MediaRejected as rejection:
     reason = rejection.reason
@@ -370,11 +422,11 @@ print(json.dumps({"reason": reason, "growth_mib": growth_kib / 1024}))
 """
 
 
-def test_hour_of_silence_without_length_is_stopped_at_the_cap_with_bounded_memory():
-    # A fresh process, so its peak RSS reflects this decode alone. Decoding the whole hour would
-    # need at least 115 MiB (int16) plus 230 MiB (float32 output); stopping at 600 s keeps ~38 MiB.
+def test_hour_of_silence_without_length_is_stopped_at_the_cap_with_bounded_memory(spool_dir):
+    # A fresh process, so its peak RSS reflects this decode alone. Decoding the whole hour into
+    # memory would need 230 MiB (float32); streamed to the spool it needs a few codec frames.
     completed = subprocess.run(
-        [sys.executable, "-c", _PEAK_RSS_SCRIPT],
+        [sys.executable, "-c", _PEAK_RSS_SCRIPT, str(spool_dir)],
         cwd=REPO_ROOT,
         capture_output=True,
         text=True,
@@ -383,7 +435,8 @@ def test_hour_of_silence_without_length_is_stopped_at_the_cap_with_bounded_memor
     )
     result = json.loads(completed.stdout)
     assert result["reason"] == "audio-too-long"
-    assert result["growth_mib"] < 100
+    assert result["growth_mib"] < 30
+    assert os.listdir(spool_dir) == []  # the refused decode's PCM is gone
 
 
 def test_duration_is_counted_while_decoding_when_the_header_cannot_be_trusted():
@@ -427,7 +480,7 @@ def test_wall_clock_limit_stops_a_long_decode():
 
 def test_wav_cut_inside_its_header_is_undecodable():
     upload = encode(tone(2.0, 16_000), 16_000, "wav")[:30]
-    assert sniff_container(upload) == "wav"
+    assert _sniff(upload) == "wav"
     assert _rejection(upload).reason == "undecodable-audio"
 
 
@@ -460,14 +513,14 @@ def test_wav_without_samples_is_empty_audio():
 
 def test_empty_bytes_are_empty_audio():
     with pytest.raises(MediaRejected) as caught:
-        decode_audio(b"", "wav", DecodeLimits())
+        _decode(b"", "wav")
     assert caught.value.reason == "empty-audio"
 
 
 def test_undecodable_detail_is_generic_and_hides_ffmpeg():
     upload = b"RIFF\x24\x00\x00\x00WAVEfmt " + np.random.default_rng(3).bytes(64)
     with pytest.raises(MediaRejected) as caught:
-        decode_audio(upload, "wav", DecodeLimits())
+        _decode(upload, "wav")
     rejection = caught.value
     assert rejection.reason == "undecodable-audio"
     assert rejection.detail == "the audio could not be decoded"
@@ -482,7 +535,7 @@ def test_rejection_survives_pickling():
 
 def test_demuxer_outside_allow_list_is_a_programming_error():
     with pytest.raises(ValueError):
-        decode_audio(b"#EXTM3U\n", "hls", DecodeLimits())
+        _decode(b"#EXTM3U\n", "hls")
 
 
 # --- FFmpeg confinement -----------------------------------------------------------------------
@@ -524,3 +577,135 @@ def test_decoding_work_is_capped_not_only_the_output_duration(declare_length):
     assert "at most 37.5 s" in rejection.detail
     # The same length at 48 kHz stereo is within the budget.
     assert _sniff_and_decode(silence_flac(60, 48_000, 2, declare_length=declare_length)).duration_seconds == pytest.approx(60, abs=0.1)
+
+
+# --- streamed decoding into the spool ---------------------------------------------------------
+
+
+def _write_long_wav(path: Path, seconds: int, rate: int = 16_000) -> None:
+    """A long 16-bit mono WAV of noise under a tone, written a second at a time."""
+    rng = np.random.default_rng(5)
+    with wave.open(str(path), "wb") as writer:
+        writer.setnchannels(1)
+        writer.setsampwidth(2)
+        writer.setframerate(rate)
+        second = tone(1.0, rate)[0]
+        for _ in range(seconds):
+            noisy = second + rng.normal(0.0, 0.05, rate).astype(np.float32)
+            writer.writeframes(np.clip(noisy * 32767, -32767, 32767).astype("<i2").tobytes())
+
+
+def test_twenty_minutes_decode_in_bounded_memory(tmp_path, spool_dir):
+    path = tmp_path / "long.wav"
+    _write_long_wav(path, 20 * 60)
+    limits = DecodeLimits(max_decoded_seconds=3600, max_wall_seconds=120)
+    tracemalloc.start()
+    try:
+        with open(path, "rb") as source, _spool.writer("pcm") as sink:
+            decoded = decode_audio(source, "wav", limits, sink)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    samples = 20 * 60 * SAMPLE_RATE
+    assert decoded.sample_count == samples and decoded.duration_seconds == 1200
+    assert os.path.getsize(decoded.pcm_path) == 2 * samples
+    # 73 MiB as float32; what stays is the envelope (470 kB) and a few codec frames.
+    assert peak < 4 * 1024 * 1024, peak
+    assert decoded.envelope.size == samples // ENVELOPE_FRAME_SAMPLES
+    middle = read_samples(decoded.pcm_path, samples // 2, samples // 2 + SAMPLE_RATE)
+    assert abs(_dominant_frequency(middle) - TONE_HZ) < 2.0
+
+
+def test_envelope_has_a_value_per_10_ms_frame_the_last_partial_one_included():
+    silence = _sniff_and_decode(encode(np.zeros((1, 16_050), np.float32), 16_000, "wav"))
+    assert silence.sample_count == 16_050
+    assert silence.envelope.dtype == np.float32
+    assert silence.envelope.size == math.ceil(16_050 / ENVELOPE_FRAME_SAMPLES) == 101
+    assert silence.envelope.max() < 1e-6
+    loud = _sniff_and_decode(encode(tone(1.0, 16_000), 16_000, "wav"))
+    frames = loud.samples[: 100 * ENVELOPE_FRAME_SAMPLES].reshape(100, ENVELOPE_FRAME_SAMPLES)
+    np.testing.assert_allclose(loud.envelope, np.sqrt(np.mean(frames.astype(np.float64) ** 2, axis=1)), atol=1e-4)
+    assert loud.envelope.min() > 0.2  # RMS of the tone is 0.35
+
+
+def test_pcm_round_trips_within_one_step_of_int16():
+    original = np.random.default_rng(9).uniform(-1.0, 1.0, (1, 32_000)).astype(np.float32)
+    original[0, :2] = (-1.0, 1.0)
+    decoded = _sniff_and_decode(encode(original, 16_000, "wav-float"))  # 16 kHz float: no resampling
+    assert decoded.samples.size == original.shape[1]
+    assert np.abs(decoded.samples - original[0]).max() <= 1 / 32767
+    assert (decoded.samples[0], decoded.samples[1]) == (-1.0, 1.0)
+
+
+def test_read_samples_reads_only_the_slice_and_refuses_past_the_end():
+    decoded = _sniff_and_decode(encode(tone(1.0, 16_000), 16_000, "wav"))
+    with _spool.writer("pcm") as sink:
+        audio = decode_audio(io.BytesIO(encode(tone(1.0, 16_000), 16_000, "wav")), "wav", DecodeLimits(), sink)
+    np.testing.assert_array_equal(read_samples(audio.pcm_path, 100, 260), decoded.samples[100:260])
+    assert read_samples(audio.pcm_path, 5, 5).size == 0
+    with pytest.raises(ValueError):
+        read_samples(audio.pcm_path, 0, audio.sample_count + 1)
+    with pytest.raises(ValueError):
+        read_samples(audio.pcm_path, 10, 5)
+
+
+def test_a_refused_decode_commits_no_pcm(spool_dir):
+    with pytest.raises(MediaRejected):
+        _decode(encode(tone(0.5, 16_000, 16), 16_000, "wav"), "wav", DecodeLimits(max_channels=8))
+    assert os.listdir(spool_dir) == []
+
+
+class _CountingReader(io.BytesIO):
+    def __init__(self, data: bytes):
+        super().__init__(data)
+        self.bytes_read = 0
+
+    def read(self, size: int = -1) -> bytes:
+        data = super().read(size)
+        self.bytes_read += len(data)
+        return data
+
+
+def test_sniffing_seeks_past_a_20_mb_tag_instead_of_reading_it():
+    upload = _CountingReader(with_cover_art(encode(tone(1.0, 16_000), 16_000, "mp3"), bytes(20 * 1024 * 1024)))
+    assert sniff_container(upload) == "mp3"
+    assert upload.bytes_read < 2 * SNIFF_BYTES
+
+
+# --- the whole check: clamd, sniff, decode into the spool -------------------------------------
+
+
+def _spooled_upload(data: bytes):
+    with _spool.writer("upload") as writer:
+        writer.write(data)
+        return writer.commit()
+
+
+@pytest.fixture
+def clamd(clamd_server) -> ClamdScanner:
+    return ClamdScanner(f"unix://{clamd_server.socket_path}", timeout_s=10)
+
+
+def test_an_accepted_upload_leaves_its_pcm_and_the_upload(clamd, spool_dir):
+    upload = _spooled_upload(encode(tone(2.0, 48_000, 2), 48_000, "flac"))
+    verdict = inspect_upload(upload, clamd, DecodeLimits(), _spool)
+    assert isinstance(verdict, DecodedAudio) and verdict.duration_seconds == pytest.approx(2.0, abs=1e-3)
+    assert sorted(os.listdir(spool_dir)) == sorted([os.path.basename(upload.path), os.path.basename(verdict.pcm_path)])
+    assert abs(_dominant_frequency(read_samples(verdict.pcm_path, 0, verdict.sample_count)) - TONE_HZ) < 2.0
+
+
+@pytest.mark.parametrize(
+    "upload, unavailable",
+    [
+        pytest.param(embedded_mid_file(encode(tone(1.0, 16_000), 16_000, "wav"), eicar()), False, id="malware"),
+        pytest.param(b"not audio at all\n" * 10, False, id="unsupported"),
+        pytest.param(encode(tone(0.5, 16_000, 16), 16_000, "wav"), False, id="too-many-channels"),
+        pytest.param(encode(tone(1.0, 16_000), 16_000, "wav"), True, id="clamd-down"),
+    ],
+)
+def test_a_refused_upload_leaves_no_pcm(clamd, tmp_path, spool_dir, upload, unavailable):
+    scanner = ClamdScanner(f"unix://{tmp_path / 'nothing.sock'}", timeout_s=1) if unavailable else clamd
+    spooled = _spooled_upload(upload)
+    verdict = inspect_upload(spooled, scanner, DecodeLimits(), _spool)
+    assert isinstance(verdict, ScanUnavailable if unavailable else Rejection)
+    assert os.listdir(spool_dir) == [os.path.basename(spooled.path)]  # the upload is the caller's to remove

@@ -195,12 +195,13 @@ class ClamdServer:
     """clamd on a unix socket with the generated signature database.
 
     The limits and the optional loopback TCP listener exist for the scanner client's tests (an
-    oversized stream, a file over MaxFileSize, the tcp:// address form); defaults suit the service.
+    oversized stream, a file over MaxFileSize, the tcp:// address form); defaults suit the service:
+    2 GiB uploads, at the most clamd accepts (see serve_app.media.clamav, "Limits for 2 GiB").
     """
 
     directory: Path
-    stream_max_length: str = "64M"
-    max_file_size: str = "64M"
+    stream_max_length: str = "2G"
+    max_file_size: str = "2147483645"  # clamd's ceiling (INT_MAX - 2); a larger value is lowered to it
     tcp_port: int | None = None  # also listen on 127.0.0.1:tcp_port
     process: subprocess.Popen | None = None
 
@@ -228,7 +229,8 @@ class ClamdServer:
                     "AlertExceedsMax yes",
                     f"StreamMaxLength {self.stream_max_length}",
                     f"MaxFileSize {self.max_file_size}",
-                    "MaxScanSize 128M",
+                    "MaxScanSize 4G",  # clamd's ceiling: the upload plus what is unpacked from it
+                    "MaxScanTime 300000",  # ms; scanning 2 GiB took 47 s, the default is 120 s
                     "MaxThreads 4",
                     "User root",
                 ]

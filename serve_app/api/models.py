@@ -6,15 +6,16 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from serve_app.media.spool import SpooledFile
+from serve_app.problems import PROBLEM_MEDIA_TYPE
 from serve_app.text.formats import OutputFormat
 from serve_app.text.languages import accepted_values
-from serve_app.problems import PROBLEM_MEDIA_TYPE
 
 
 class AlignForm(BaseModel):
     """The multipart fields of POST /v1/align, after streaming and size checks."""
 
-    audio: bytes = Field(repr=False)
+    audio: SpooledFile = Field(repr=False)  # the upload in the spool: the receiver removes it
     audio_filename: str | None = None  # declared by the client: logged, never trusted
     audio_content_type: str | None = None  # declared by the client: logged, never trusted
     text: str = Field(repr=False)

@@ -4,7 +4,11 @@ Why not `request.form()`: Starlette spools files to disk with no total cap and s
 invalid UTF-8 as Latin-1. Here the body is counted as it arrives (Content-Length *and* chunked
 uploads), refused with 413 the moment it passes `max_body_bytes`, each text field is capped on its
 own, only the four known fields are accepted (each once, audio once), and the transcript must be
-valid UTF-8. Everything stays in memory: the cap bounds it, and the scanner needs the bytes anyway.
+valid UTF-8. The audio goes straight into a spool file (serve_app.media.spool) as python-multipart
+hands it over, so a 2 GiB upload costs this process one chunk of memory; the short fields stay in
+memory under their caps. On success the caller owns the spool file (and removes it once scanned);
+on any failure, a refusal, a malformed body, the client going away or the request being cancelled,
+the partial file is deleted before the exception leaves read_align_form.
 
 Failure policy, each answered before any later stage runs:
 - a part's headers over `_MAX_PART_HEADER_BYTES` in total or `_MAX_PART_HEADER_LINES` lines: 400
@@ -19,6 +23,8 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import AsyncIterator
 
@@ -28,6 +34,7 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 
 from serve_app.text.formats import OutputFormat
 from serve_app.api.models import AlignForm
+from serve_app.media.spool import Spool, SpoolWriter
 from serve_app.problems import Problem
 
 _FIELDS = ("audio", "text", "language", "format")
@@ -52,14 +59,19 @@ class _Part:
     name: str = ""
     filename: str | None = None
     content_type: str | None = None
-    data: bytearray = field(default_factory=bytearray)
+    data: bytearray = field(default_factory=bytearray)  # the short fields
+    sink: SpoolWriter | None = None  # the audio
 
 
 class _FormCollector:
-    """python-multipart callbacks that collect the known fields and enforce per-field caps."""
+    """python-multipart callbacks that collect the known fields and enforce per-field caps.
 
-    def __init__(self, limits: UploadLimits):
+    `open_sink` is called once, when the audio part begins, for the spool writer it streams into.
+    """
+
+    def __init__(self, limits: UploadLimits, open_sink: Callable[[], SpoolWriter]):
         self._limits = limits
+        self._open_sink = open_sink
         self._header_name = b""
         self._header_value = b""
         self._headers: dict[bytes, bytes] = {}
@@ -112,11 +124,18 @@ class _FormCollector:
             self._part.filename = options[b"filename"].decode("utf-8", errors="replace")[:200]
         if b"content-type" in self._headers:
             self._part.content_type = self._headers[b"content-type"].decode("latin-1")[:200]
+        if name == "audio":
+            self._part.sink = self._open_sink()
         self.parts[name] = self._part
 
     def on_part_data(self, data: bytes, start: int, end: int) -> None:
+        if self._part.sink is not None:
+            # A plain blocking write, on the event loop: it lands in the page cache, microseconds
+            # per chunk, where a thread hop would cost more than the write.
+            self._part.sink.write(memoryview(data)[start:end])
+            return
         self._part.data += data[start:end]
-        if self._part.name != "audio" and len(self._part.data) > self._field_cap(self._part.name):
+        if len(self._part.data) > self._field_cap(self._part.name):
             slug = "transcript-too-long" if self._part.name == "text" else "invalid-request"
             raise Problem(slug, f"the form field '{self._part.name}' exceeds {self._field_cap(self._part.name)} bytes")
 
@@ -156,7 +175,8 @@ def _boundary(request: Request) -> bytes:
     return boundary
 
 
-async def read_align_form(request: Request, limits: UploadLimits) -> AlignForm:
+async def read_align_form(request: Request, limits: UploadLimits, spool: Spool) -> AlignForm:
+    """The form, its audio committed to a spool file the caller must remove; Problem on refusal."""
     declared_length = request.headers.get("content-length")
     if declared_length is not None:
         if not declared_length.isdigit():
@@ -164,28 +184,32 @@ async def read_align_form(request: Request, limits: UploadLimits) -> AlignForm:
         if int(declared_length) > limits.max_body_bytes:
             raise _too_large(limits)  # refused before reading a byte of the body
 
-    collector = _FormCollector(limits)
-    # The library's own per-line bound is set to ours, so one oversized line fails at the same size.
-    parser = MultipartParser(
-        _boundary(request),
-        collector.callbacks(),
-        max_header_count=_MAX_PART_HEADER_LINES + 1,  # ours (on_header_begin) answers first, with its own detail
-        max_header_size=_MAX_PART_HEADER_BYTES,
-    )
-    received = 0
-    try:
-        async for chunk in _paced(request.stream(), limits):
-            received += len(chunk)
-            if received > limits.max_body_bytes:
-                raise _too_large(limits)  # chunked uploads carry no Content-Length: count them
-            parser.write(chunk)
-        parser.finalize()
-    except FormParserError:
-        detail = _HEADERS_TOO_LONG + " or are malformed" if collector.in_part_headers else "the body is not valid multipart/form-data"
-        raise Problem("invalid-request", detail) from None
-    if not collector.complete:
-        raise Problem("invalid-request", "the body ended before the closing multipart boundary")
-    return _form_from_parts(collector.parts)
+    boundary = _boundary(request)
+    # Whatever ends this block before the audio is committed (a Problem, ClientDisconnect,
+    # CancelledError) closes and deletes the partial spool file on the way out.
+    with ExitStack() as partial_audio:
+        collector = _FormCollector(limits, lambda: partial_audio.enter_context(spool.writer("upload")))
+        # The library's own per-line bound is set to ours, so one oversized line fails at the same size.
+        parser = MultipartParser(
+            boundary,
+            collector.callbacks(),
+            max_header_count=_MAX_PART_HEADER_LINES + 1,  # ours (on_header_begin) answers first, with its own detail
+            max_header_size=_MAX_PART_HEADER_BYTES,
+        )
+        received = 0
+        try:
+            async for chunk in _paced(request.stream(), limits):
+                received += len(chunk)
+                if received > limits.max_body_bytes:
+                    raise _too_large(limits)  # chunked uploads carry no Content-Length: count them
+                parser.write(chunk)
+            parser.finalize()
+        except FormParserError:
+            detail = _HEADERS_TOO_LONG + " or are malformed" if collector.in_part_headers else "the body is not valid multipart/form-data"
+            raise Problem("invalid-request", detail) from None
+        if not collector.complete:
+            raise Problem("invalid-request", "the body ended before the closing multipart boundary")
+        return _form_from_parts(collector.parts)
 
 
 async def _paced(chunks: AsyncIterator[bytes], limits: UploadLimits) -> AsyncIterator[bytes]:
@@ -209,6 +233,7 @@ async def _paced(chunks: AsyncIterator[bytes], limits: UploadLimits) -> AsyncIte
 
 
 def _form_from_parts(parts: dict[str, _Part]) -> AlignForm:
+    """Check the fields, then commit the audio last: a refusal here still deletes it."""
     missing = [name for name in ("audio", "text") if name not in parts]
     if missing:
         raise Problem("invalid-request", "missing form field(s): " + ", ".join(missing))
@@ -230,12 +255,13 @@ def _form_from_parts(parts: dict[str, _Part]) -> AlignForm:
         output_format = OutputFormat(format_value.lower())
     except ValueError:
         raise Problem("invalid-request", "format must be one of: " + ", ".join(f.value for f in OutputFormat)) from None
+    language = short_field("language") or None
     audio = parts["audio"]
     return AlignForm(
-        audio=bytes(audio.data),
+        audio=audio.sink.commit(),
         audio_filename=audio.filename,
         audio_content_type=audio.content_type,
         text=text,
-        language=short_field("language") or None,
+        language=language,
         format=output_format,
     )

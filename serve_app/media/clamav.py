@@ -1,9 +1,18 @@
 """Malware scanning of whole uploads with clamd, over its INSTREAM command.
 
-`ClamdScanner(address, timeout_s).scan(data)` streams every byte of the upload (so the bytes of a
-polyglot that no audio decoder reads are scanned too) and returns a ScanResult: clean, or infected
-with clamd's signature name exactly as clamd reported it. That name is for the audit log only; the
-client is told "malware detected", nothing more.
+`ClamdScanner(address, timeout_s).scan(source)` reads the upload from a binary file object in
+CHUNK_BYTES pieces and streams every byte of it (so the bytes of a polyglot that no audio decoder
+reads are scanned too), holding one chunk in memory whatever the upload's size. It returns a
+ScanResult: clean, or infected with clamd's signature name exactly as clamd reported it. That name
+is for the audit log only; the client is told "malware detected", nothing more.
+
+The time limit grows with the stream: a scan may take `timeout_s` plus one second for every
+MIN_SCAN_BYTES_PER_S bytes streamed so far, one deadline for the whole exchange, extended as each
+chunk is accepted. clamd must receive a 2 GiB upload and then scan all of it before it answers (47 s
+measured for 2 GiB on a busy 2-core host with the test signatures, about 45 MB/s), so a fixed
+timeout would either refuse long uploads or let a frozen clamd hold small ones for minutes. A
+frozen clamd still costs at most `timeout_s` plus what the bytes it accepted earned, and a clamd
+that accepts bytes slower than MIN_SCAN_BYTES_PER_S runs out of budget.
 
 Fail closed: anything short of a complete verdict raises ScannerUnavailable with a short reason
 (connection-refused, timeout, stream-too-long, connection-lost, scan-error, protocol-error). The
@@ -19,6 +28,14 @@ the same bytes would trip it again: a 503 would invite endless retries, while "m
 refuses it and counts it as abuse. A stream over StreamMaxLength is different: clamd answers it
 with an error, not a verdict, so it raises ScannerUnavailable("stream-too-long").
 
+Limits for 2 GiB uploads (measured with ClamAV 1.4): clamd lowers MaxFileSize to 2147483645 bytes
+(INT_MAX - 2) whatever is configured, and every size option to 4 GiB. So the configuration
+(tools.local_services, deploy/kuberay/dependencies.yaml) sets MaxFileSize 2147483645,
+StreamMaxLength 2G, MaxScanSize 4G and MaxScanTime 300000 (ms; 2 GiB took 47 s to receive and scan,
+the 120 s default would be close). Every upload the 2 GiB body cap admits is scanned whole: its
+audio part is smaller than the body by at least the multipart framing and the transcript part. A
+stream of 2147483646 bytes up to 2 GiB comes back Heuristics.Limits.Exceeded.MaxFileSize, refused.
+
 The INSTREAM protocol (`zINSTREAM\\0`, chunks of <uint32 big-endian length><bytes>, a zero length
 to finish, a NUL-terminated reply) is spoken here directly rather than through pyclamd 0.4.0,
 which was measured to be unsafe for this: it writes chunks with socket.send(), whose partial writes
@@ -26,7 +43,7 @@ make clamd read upload bytes as chunk lengths (seen with 1 MiB chunks: "requeste
 an upload crafted so that such a length reads as zero would end the stream early and have only its
 prefix scanned. It also sends a second terminator when the length is a multiple of its chunk size
 (a spurious BrokenPipeError whenever clamd closes first) and retries each timed-out read five
-times. Here every write is sendall() and one deadline bounds the whole exchange.
+times. Here every write is sendall() and one deadline (above) bounds the whole exchange.
 
 Thread-safe: every call opens its own connection and shares no mutable state, so one scanner
 serves concurrent worker threads, and when clamd comes back after an outage the next call works.
@@ -38,12 +55,12 @@ import socket
 import struct
 import time
 from dataclasses import dataclass
-from typing import Literal
+from typing import BinaryIO, Literal
 from urllib.parse import urlsplit
 
 UnavailableReason = Literal[
     "connection-refused",  # nothing listens at the address (clamd down or restarting)
-    "timeout",  # no complete verdict within timeout_s
+    "timeout",  # no complete verdict within timeout_s plus the time the streamed bytes earned
     "stream-too-long",  # the upload exceeds clamd's StreamMaxLength
     "connection-lost",  # clamd closed the connection before answering
     "scan-error",  # clamd answered with an ERROR
@@ -51,6 +68,9 @@ UnavailableReason = Literal[
 ]
 
 CHUNK_BYTES = 64 * 1024  # clamd takes any chunk size; larger chunks mean fewer system calls
+# Each byte streamed extends the deadline by 1/MIN_SCAN_BYTES_PER_S s (receiving and scanning it):
+# a fifth of the rate measured on a busy 2-core host, so 2 GiB may take timeout_s + 256 s.
+MIN_SCAN_BYTES_PER_S = 8 * 1024 * 1024
 _MAX_REPLY_BYTES = 4096  # a verdict line is short; a longer reply is not clamd's
 _STREAM_TOO_LONG_REPLY = "INSTREAM size limit exceeded. ERROR"
 _AFTER_BROKEN_PIPE_READ_S = 0.5  # reading clamd's reason for closing is best effort
@@ -122,7 +142,8 @@ class ClamdScanner:
     """A clamd client that opens a fresh connection for every scan and every ping.
 
     `address` is Environment.clamd_address ("unix:///path" or "tcp://host:port"; anything else is a
-    ValueError). `timeout_s` bounds a whole scan or ping, connecting included (not a DNS lookup).
+    ValueError). `timeout_s` bounds a ping, and a scan together with the time its streamed bytes
+    earn (see the module doc), connecting included (not a DNS lookup).
     """
 
     def __init__(self, address: str, timeout_s: float):
@@ -131,16 +152,17 @@ class ClamdScanner:
         self._address = parse_clamd_address(address)
         self._timeout_s = timeout_s
 
-    def scan(self, data: bytes) -> ScanResult:
-        """Scan every byte of `data`; raise ScannerUnavailable unless clamd gives a verdict."""
+    def scan(self, source: BinaryIO) -> ScanResult:
+        """Scan every byte `source` reads from its current position to its end; raise
+        ScannerUnavailable unless clamd gives a verdict. Errors reading `source` propagate."""
         deadline = time.monotonic() + self._timeout_s
+        buffer = bytearray(CHUNK_BYTES)  # the one chunk in memory, reused
         with self._connect(deadline) as connection:
             _send(connection, b"zINSTREAM\0", deadline)
-            view = memoryview(data)
-            for start in range(0, len(view), CHUNK_BYTES):
-                chunk = view[start : start + CHUNK_BYTES]
-                _send(connection, struct.pack("!L", len(chunk)), deadline)
-                _send(connection, chunk, deadline)
+            while length := source.readinto(buffer):
+                _send(connection, struct.pack("!L", length), deadline)
+                _send(connection, memoryview(buffer)[:length], deadline)
+                deadline += length / MIN_SCAN_BYTES_PER_S
             _send(connection, struct.pack("!L", 0), deadline)
             return _verdict(_read_reply(connection, deadline))
 

@@ -1,4 +1,4 @@
-"""Decode untrusted audio bytes to 16 kHz mono float32, within hard limits.
+"""Decode an untrusted upload to 16 kHz mono int16 PCM in a spool file, within hard limits.
 
 The demuxer chosen by `sniff_container` is forced, so FFmpeg never probes its way into another
 demuxer (HLS, concat, playlists), and every nested open is refused: the protocol whitelist is empty,
@@ -8,8 +8,15 @@ Limits are enforced as early as the information exists: channels and sample rate
 header before decoding and again on every frame (they may change mid-stream); duration from the
 header where it is exact, then counted frame by frame so decoding stops as soon as the cap is passed
 (an hour of FLAC silence is a 50 KB upload that decodes to gigabytes); wall-clock time per packet.
-Decoded audio is resampled as it streams, so memory is bounded by the output cap. A corrupt packet
-is tolerated only as the last one (a truncated upload); anywhere else the upload is refused.
+A corrupt packet is tolerated only as the last one (a truncated upload); anywhere else the upload
+is refused.
+
+Nothing is held whole: the upload is read from its spool file by FFmpeg (a Python file object as
+custom I/O, which also keeps FFmpeg's file protocol out of the whitelist), and each chunk the
+resampler produces is checked (non-finite samples refused), clipped to [-1, 1], converted to int16
+(round(x * 32767)) and appended to the PCM spool file at once, along with the RMS envelope of every
+ENVELOPE_FRAME_SAMPLES frame. Memory is a few codec frames plus the envelope (1.4 MB an hour), so a
+10-hour upload decodes in the same footprint as a 10-second one. `read_samples` reads a slice back.
 
 Every refusal is a MediaRejected with a stable reason and a client-safe detail. FFmpeg's own error
 text is dropped (it can echo the input), as is the exception chain, so nothing leaks through a
@@ -25,6 +32,7 @@ import io
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import BinaryIO
 
 import av
 import av.error
@@ -33,6 +41,11 @@ import numpy as np
 from deployments.backends.base import SAMPLE_RATE
 from serve_app.media.errors import MediaRejected
 from serve_app.media.sniff import ALLOWED_DEMUXERS
+from serve_app.media.spool import SpoolWriter
+
+ENVELOPE_FRAME_SAMPLES = 160  # 10 ms at 16 kHz
+_PCM_DTYPE = np.dtype("<i2")  # the spool's PCM: int16 little-endian, mono, SAMPLE_RATE
+_PCM_SCALE = 32767  # [-1, 1] maps onto [-32767, 32767]: symmetric, so -1 round-trips too
 
 # FFmpeg guesses MP3 duration from the first frame's bitrate when there is no Xing/LAME header; a
 # VBR file can be over-estimated many times over, so its declared duration cannot reject it.
@@ -59,14 +72,19 @@ class DecodeLimits:
 
 @dataclass(frozen=True)
 class DecodedAudio:
-    """Audio ready for an aligner backend, and what it was decoded from."""
+    """Audio ready for an aligner backend (in a spool file), and what it was decoded from."""
 
-    samples: np.ndarray  # float32, mono, SAMPLE_RATE Hz, contiguous, values in [-1, 1]
-    duration_seconds: float  # of `samples`
+    pcm_path: str  # spool file: int16 little-endian mono SAMPLE_RATE; the receiver removes it
+    sample_count: int
+    envelope: np.ndarray  # float32 RMS (of samples in [-1, 1]) of each ENVELOPE_FRAME_SAMPLES frame, the last partial one included
     container: str  # the FFmpeg demuxer that read it
     codec: str  # FFmpeg codec name, e.g. "aac", "flac", "pcm_s16le"
     source_sample_rate: int  # as the stream header declares it (it may change mid-stream)
     source_channels: int
+
+    @property
+    def duration_seconds(self) -> float:
+        return self.sample_count / SAMPLE_RATE
 
 
 def container_options(demuxer: str) -> dict[str, str]:
@@ -84,20 +102,24 @@ def container_options(demuxer: str) -> dict[str, str]:
     return options
 
 
-def decode_audio(data: bytes, demuxer: str, limits: DecodeLimits) -> DecodedAudio:
-    """Decode `data` with the forced `demuxer` to SAMPLE_RATE mono float32.
+def decode_audio(source: BinaryIO, demuxer: str, limits: DecodeLimits, sink: SpoolWriter) -> DecodedAudio:
+    """Decode all of `source` (a seekable binary file) with the forced `demuxer` into `sink` as
+    SAMPLE_RATE mono int16 PCM, and commit it.
 
-    Raises MediaRejected for anything the client sent that cannot be accepted; raises ValueError
-    only for a programming error (a demuxer that is not on the sniffing allow-list).
+    Raises MediaRejected for anything the client sent that cannot be accepted, leaving `sink`
+    uncommitted (the caller's `with` deletes it); raises ValueError only for a programming error (a
+    demuxer that is not on the sniffing allow-list).
     """
     if demuxer not in ALLOWED_DEMUXERS:
         raise ValueError(f"demuxer {demuxer!r} is not on the allow-list")
-    if not data:
+    if source.seek(0, io.SEEK_END) == 0:
         raise _empty()
+    source.seek(0)
     deadline = time.monotonic() + limits.max_wall_seconds
+    pcm = _PcmWriter(sink)
     try:
         with av.open(
-            io.BytesIO(data),
+            source,
             mode="r",
             format=demuxer,
             container_options=container_options(demuxer),
@@ -109,19 +131,24 @@ def decode_audio(data: bytes, demuxer: str, limits: DecodeLimits) -> DecodedAudi
             source_sample_rate, source_channels = stream.sample_rate, stream.channels
             _check_format(source_channels, source_sample_rate, limits)
             _check_declared_duration(stream, demuxer, limits)
-            chunks = _decode_resampled(container, stream, limits, deadline)
+            _decode_resampled(container, stream, limits, deadline, pcm)
             codec = stream.codec_context.codec.canonical_name
     except MediaRejected:
         raise
+    except _SpoolWriteFailed as failed:
+        raise failed.error from None  # our disk, not the client's upload: never a rejection
     except av.error.ExitError:  # the interrupt callback fired: FFmpeg ran past the time limit
         raise _timeout(limits) from None
     except (av.error.FFmpegError, ValueError, OSError, EOFError, RuntimeError):
         raise MediaRejected("undecodable-audio", "the audio could not be decoded") from None
 
-    samples = _assemble(chunks)
+    if not pcm.sample_count:
+        raise _empty()
+    envelope = pcm.envelope()
     return DecodedAudio(
-        samples=samples,
-        duration_seconds=samples.size / SAMPLE_RATE,
+        pcm_path=sink.commit().path,
+        sample_count=pcm.sample_count,
+        envelope=envelope,
         container=demuxer,
         codec=codec,
         source_sample_rate=source_sample_rate,
@@ -176,9 +203,9 @@ def _decode_resampled(
     stream: av.AudioStream,
     limits: DecodeLimits,
     deadline: float,
-) -> list[np.ndarray]:
+    pcm: _PcmWriter,
+) -> None:
     resampler = _MonoResampler()
-    chunks: list[np.ndarray] = []
     decoded_seconds = 0.0
     source_samples = 0
     for frame in _decoded_frames(container, stream, limits, deadline):
@@ -192,9 +219,10 @@ def _decode_resampled(
         source_samples += frame.samples * channels
         if source_samples > limits.max_source_samples:
             raise _too_much_work(limits, frame.sample_rate, channels)
-        chunks.extend(resampler.push(frame))
-    chunks.extend(resampler.flush())
-    return chunks
+        for chunk in resampler.push(frame):
+            pcm.write(chunk)
+    for chunk in resampler.flush():
+        pcm.write(chunk)
 
 
 def _decoded_frames(
@@ -254,15 +282,60 @@ def _mono_arrays(frames: list[av.AudioFrame | None]) -> list[np.ndarray]:
     return [frame.to_ndarray()[0] for frame in frames if frame is not None and frame.samples]
 
 
-def _assemble(chunks: list[np.ndarray]) -> np.ndarray:
-    """Join the chunks once, refuse non-finite samples, and clip resampler overshoot to [-1, 1]."""
-    if not chunks:
-        raise _empty()
-    samples = np.concatenate(chunks)  # a new contiguous float32 array, safe to modify in place
-    if not np.isfinite(samples).all():
-        raise MediaRejected("undecodable-audio", "the audio contains invalid (non-finite) samples")
-    np.clip(samples, -1.0, 1.0, out=samples)
-    return samples
+class _SpoolWriteFailed(Exception):
+    def __init__(self, error: OSError):
+        super().__init__(error)
+        self.error = error
+
+
+class _PcmWriter:
+    """Appends resampled float32 chunks to the sink as int16 PCM, and keeps their RMS envelope."""
+
+    def __init__(self, sink: SpoolWriter):
+        self._sink = sink
+        self._partial_frame = np.empty(0, dtype=np.float32)  # envelope frames span chunk boundaries
+        self._envelope = bytearray()  # float32 values; grows by amortised doubling, not per chunk
+        self.sample_count = 0
+
+    def write(self, chunk: np.ndarray) -> None:
+        """Refuse non-finite samples, clip resampler overshoot to [-1, 1], convert and append."""
+        if not np.isfinite(chunk).all():
+            raise MediaRejected("undecodable-audio", "the audio contains invalid (non-finite) samples")
+        samples = np.clip(chunk, -1.0, 1.0)  # a new array: the frame's own buffer stays untouched
+        try:
+            self._sink.write(np.rint(samples * _PCM_SCALE).astype(_PCM_DTYPE))
+        except OSError as error:  # kept apart from FFmpeg's OSErrors, which mean a bad upload
+            raise _SpoolWriteFailed(error) from None
+        self.sample_count += samples.size
+        framed = np.concatenate((self._partial_frame, samples))
+        whole = framed.size - framed.size % ENVELOPE_FRAME_SAMPLES
+        self._envelope += _rms(framed[:whole].reshape(-1, ENVELOPE_FRAME_SAMPLES)).tobytes()
+        self._partial_frame = framed[whole:]
+
+    def envelope(self) -> np.ndarray:
+        """The envelope, with the last partial frame's RMS."""
+        if self._partial_frame.size:
+            self._envelope += _rms(self._partial_frame.reshape(1, -1)).tobytes()
+            self._partial_frame = self._partial_frame[:0]
+        return np.frombuffer(bytes(self._envelope), dtype=np.float32).copy()
+
+
+def _rms(frames: np.ndarray) -> np.ndarray:
+    return np.sqrt(np.mean(np.square(frames, dtype=np.float64), axis=1)).astype(np.float32)
+
+
+def read_samples(pcm_path: str, start: int, stop: int) -> np.ndarray:
+    """Samples [start, stop) of a decoded PCM spool file as float32 in [-1, 1]; only that slice is
+    read. A range outside the file is a ValueError."""
+    if not 0 <= start <= stop:
+        raise ValueError("need 0 <= start <= stop")
+    count = stop - start
+    with open(pcm_path, "rb") as pcm:
+        pcm.seek(start * _PCM_DTYPE.itemsize)
+        data = pcm.read(count * _PCM_DTYPE.itemsize)
+    if len(data) != count * _PCM_DTYPE.itemsize:
+        raise ValueError(f"samples [{start}, {stop}) run past the end of {pcm_path}")
+    return np.frombuffer(data, dtype=_PCM_DTYPE).astype(np.float32) / np.float32(_PCM_SCALE)
 
 
 def _empty() -> MediaRejected:

@@ -4,6 +4,11 @@ clamd runs first, on every byte of the upload: malware is identified as malware 
 claims to be (and counted as such by abuse detection), and signatures for decoder exploits see a
 file before FFmpeg parses it. Then the container is sniffed, then decoded within the caps.
 
+The upload is a spool file, read in chunks by each step (clamd's stream, the sniffer's few reads,
+FFmpeg's I/O); the decoded PCM goes to a new spool file. On a Rejection or ScanUnavailable no PCM
+file remains; on acceptance the DecodedAudio's pcm_path is the caller's to remove. The upload file
+is never deleted here: the caller that owns it removes it, whatever the verdict.
+
 The verdict is a value, never an exception, so it crosses the Serve hop intact:
 - `DecodedAudio`: accepted;
 - `Rejection`: the client's upload is refused (a problem slug, a client-safe detail, and for
@@ -19,6 +24,7 @@ from serve_app.media.clamav import ClamdScanner, ScannerUnavailable
 from serve_app.media.decode import DecodedAudio, DecodeLimits, decode_audio
 from serve_app.media.errors import MediaRejected
 from serve_app.media.sniff import sniff_container
+from serve_app.media.spool import Spool, SpooledFile
 from serve_app.settings import ScannerOptions
 
 
@@ -48,14 +54,18 @@ def decode_limits(options: ScannerOptions) -> DecodeLimits:
     )
 
 
-def inspect_upload(data: bytes, clamd: ClamdScanner, limits: DecodeLimits) -> Verdict:
-    try:
-        scanned = clamd.scan(data)
-    except ScannerUnavailable as unavailable:
-        return ScanUnavailable(unavailable.reason)
-    if scanned.infected:
-        return Rejection("malware-detected", "the upload was refused by the malware scanner", signature=scanned.signature)
-    try:
-        return decode_audio(data, sniff_container(data), limits)
-    except MediaRejected as rejected:
-        return Rejection(rejected.reason, rejected.detail)
+def inspect_upload(upload: SpooledFile, clamd: ClamdScanner, limits: DecodeLimits, spool: Spool) -> Verdict:
+    """Scan, sniff and decode the upload file into a PCM spool file. Blocks: run it in a thread."""
+    with open(upload.path, "rb") as source:
+        try:
+            scanned = clamd.scan(source)
+        except ScannerUnavailable as unavailable:
+            return ScanUnavailable(unavailable.reason)
+        if scanned.infected:
+            return Rejection("malware-detected", "the upload was refused by the malware scanner", signature=scanned.signature)
+        try:
+            demuxer = sniff_container(source)
+            with spool.writer("pcm") as sink:  # deleted unless decode_audio commits it
+                return decode_audio(source, demuxer, limits, sink)
+        except MediaRejected as rejected:
+            return Rejection(rejected.reason, rejected.detail)

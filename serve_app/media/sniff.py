@@ -10,7 +10,8 @@ write them) stand before the audio, where libmagic would see only the tag. They 
 their declared size, tag after tag, and the audio behind them is sniffed. The skipping is strict:
 a tag whose size is malformed or runs past the upload, more than MAX_LEADING_TAGS tags, or a tag
 followed by anything but MPEG audio or FLAC is refused, and skipping never reads past the upload
-itself (which the ingress has already capped). The other containers need no skipping, because
+itself (which the ingress has already capped). The upload is a seekable file: skipping reads each
+tag's 10-byte header and seeks past its body, so a 20 MB tag costs two small reads, never the tag. The other containers need no skipping, because
 libmagic names them from their first bytes whatever metadata follows: RIFF/WAVE from "RIFF....WAVE"
 (LIST or bext chunks before `fmt ` do not matter), FLAC from "fLaC" (PICTURE blocks follow it) and
 MP4/M4A from the leading `ftyp` box (`moov` after `mdat`, big `free` or cover art in `udta` do
@@ -18,6 +19,9 @@ not matter); tests/test_media.py checks each of these shapes.
 """
 
 from __future__ import annotations
+
+import io
+from typing import BinaryIO
 
 import magic
 
@@ -57,14 +61,17 @@ _ID3V2_FOOTER_FLAG = 0x10
 _ID3V2_VERSIONS = frozenset({2, 3, 4})
 
 
-def sniff_container(upload: bytes) -> str:
-    """Return the FFmpeg demuxer name for an upload, judged from the first bytes of its audio.
+def sniff_container(upload: BinaryIO) -> str:
+    """Return the FFmpeg demuxer name for an upload (a seekable binary file, read from its start),
+    judged from the first bytes of its audio. The file's position afterwards is unspecified.
 
     Raises MediaRejected("unsupported-media-type") for anything not on the allow-list, including
     empty input and malformed or overlong leading ID3v2 tags.
     """
-    audio_start = _end_of_leading_id3v2_tags(upload)
-    mime = magic.from_buffer(upload[audio_start : audio_start + SNIFF_BYTES], mime=True)
+    size = upload.seek(0, io.SEEK_END)
+    audio_start = _end_of_leading_id3v2_tags(upload, size)
+    upload.seek(audio_start)
+    mime = magic.from_buffer(upload.read(SNIFF_BYTES), mime=True)
     demuxer = DEMUXER_BY_MIME.get(mime)
     if demuxer is None or (audio_start and demuxer not in DEMUXERS_AFTER_ID3V2):
         raise MediaRejected(
@@ -75,18 +82,24 @@ def sniff_container(upload: bytes) -> str:
     return demuxer
 
 
-def _end_of_leading_id3v2_tags(upload: bytes) -> int:
-    """The offset just past the ID3v2 tags the upload starts with (0 when there is none)."""
+def _end_of_leading_id3v2_tags(upload: BinaryIO, size: int) -> int:
+    """The offset just past the ID3v2 tags the upload (of `size` bytes) starts with (0 when none)."""
     position = 0
     for _ in range(MAX_LEADING_TAGS):
-        if not upload.startswith(_ID3V2_MAGIC, position):
+        header = _header_at(upload, position)
+        if not header.startswith(_ID3V2_MAGIC):
             return position
-        position += _id3v2_tag_length(upload[position : position + _ID3V2_HEADER_BYTES])
-        if position > len(upload):
+        position += _id3v2_tag_length(header)
+        if position > size:
             raise _bad_tag("an ID3v2 tag declares more bytes than the upload holds")
-    if upload.startswith(_ID3V2_MAGIC, position):
+    if _header_at(upload, position).startswith(_ID3V2_MAGIC):
         raise _bad_tag(f"the upload starts with more than {MAX_LEADING_TAGS} ID3v2 tags")
     return position
+
+
+def _header_at(upload: BinaryIO, position: int) -> bytes:
+    upload.seek(position)
+    return upload.read(_ID3V2_HEADER_BYTES)
 
 
 def _id3v2_tag_length(header: bytes) -> int:

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from serve_app.media import DecodeLimits
+from serve_app.media import DecodeLimits, DecodedAudio, Spool
 from serve_app.media.clamav import ClamdScanner
 from serve_app.media.inspect import Rejection, ScanUnavailable, inspect_upload
 from tests.support.audio import encode, png_image, silence_flac, tone, with_cover_art
@@ -41,9 +41,18 @@ _RATE = 16_000
 _SEED = 4  # fixed, so a failing random-byte case reproduces
 
 
-def scanner_outcome(upload: bytes, clamd: ClamdScanner, limits: DecodeLimits) -> str | None:
-    """The scanner's verdict as a problem slug, or None when it accepts the upload."""
-    verdict = inspect_upload(upload, clamd, limits)
+def scanner_outcome(upload: bytes, clamd: ClamdScanner, limits: DecodeLimits, spool: Spool) -> str | None:
+    """The scanner's verdict as a problem slug, or None when it accepts the upload; the upload goes
+    through `spool` as the ingress spools it, and neither it nor its PCM is left there."""
+    with spool.writer("upload") as writer:
+        writer.write(upload)
+        spooled = writer.commit()
+    try:
+        verdict = inspect_upload(spooled, clamd, limits, spool)
+    finally:
+        spool.remove(spooled)
+    if isinstance(verdict, DecodedAudio):
+        spool.remove(verdict.pcm_path)
     if isinstance(verdict, ScanUnavailable):
         raise AssertionError(f"clamd gave no verdict ({verdict.reason})")
     return verdict.reason if isinstance(verdict, Rejection) else None

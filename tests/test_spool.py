@@ -1,0 +1,118 @@
+"""The spool directory (serve_app.media.spool): ownership, modes, random names, cleanup, sweeping."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+import time
+
+import numpy as np
+import pytest
+
+from serve_app.media.spool import Spool, SpooledFile
+
+
+def mode(path) -> int:
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+def test_a_missing_directory_is_created_private(tmp_path):
+    Spool(tmp_path / "spool")
+    assert mode(tmp_path / "spool") == 0o700
+
+
+def test_a_directory_open_to_group_or_others_is_refused(tmp_path):
+    directory = tmp_path / "shared"
+    directory.mkdir(mode=0o750)
+    directory.chmod(0o750)
+    with pytest.raises(ValueError, match="group or others"):
+        Spool(directory)
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="only root can give a directory to another user")
+def test_a_directory_owned_by_another_user_is_refused(tmp_path):
+    directory = tmp_path / "theirs"
+    directory.mkdir(mode=0o700)
+    os.chown(directory, 4242, -1)
+    with pytest.raises(ValueError, match="not owned"):
+        Spool(directory)
+
+
+def test_a_committed_file_holds_what_was_written(tmp_path):
+    spool = Spool(tmp_path)
+    chunks = [os.urandom(65536) for _ in range(5)] + [b"tail"]
+    with spool.writer("upload") as writer:
+        for chunk in chunks:
+            writer.write(memoryview(chunk))
+        assert writer.size == 5 * 65536 + 4
+        spooled = writer.commit()
+    content = b"".join(chunks)
+    assert spooled == SpooledFile(spooled.path, len(content), hashlib.sha256(content).hexdigest())
+    assert open(spooled.path, "rb").read() == content
+    assert os.path.dirname(spooled.path) == str(tmp_path) and mode(spooled.path) == 0o600
+    name = os.path.basename(spooled.path)
+    assert name.startswith("upload-") and len(name) == len("upload-") + 32
+
+
+def test_item_sizes_are_counted_in_bytes(tmp_path):
+    # int16 PCM arrives as a numpy buffer: two bytes an item.
+    with Spool(tmp_path).writer("pcm") as writer:
+        writer.write(memoryview(np.arange(10, dtype="<i2")))
+        assert writer.commit().size == 20
+
+
+def test_names_are_random(tmp_path):
+    spool = Spool(tmp_path)
+    paths = set()
+    for _ in range(20):
+        with spool.writer("pcm") as writer:
+            paths.add(writer.commit().path)
+    assert len(paths) == 20
+
+
+def test_leaving_without_commit_deletes_the_file(tmp_path):
+    spool = Spool(tmp_path)
+    with spool.writer("upload") as writer:
+        writer.write(b"partial")
+    with pytest.raises(RuntimeError):
+        with spool.writer("upload") as writer:
+            writer.write(b"partial")
+            raise RuntimeError("client went away")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_unknown_kind_is_refused(tmp_path):
+    with pytest.raises(ValueError):
+        Spool(tmp_path).writer("../../etc/passwd")
+
+
+def test_remove_is_idempotent_and_stays_inside_the_spool(tmp_path):
+    spool = Spool(tmp_path / "spool")
+    with spool.writer("upload") as writer:
+        spooled = writer.commit()
+    spool.remove(spooled)
+    spool.remove(spooled)
+    spool.remove(spooled.path)
+    assert not os.path.exists(spooled.path)
+    outside = tmp_path / "keep"
+    outside.write_text("mine")
+    for path in (str(outside), str(tmp_path / "spool" / ".." / "keep"), str(tmp_path / "spool")):
+        with pytest.raises(ValueError):
+            spool.remove(path)
+    assert outside.exists()
+
+
+def test_sweep_deletes_only_old_spool_files(tmp_path):
+    spool = Spool(tmp_path)
+    files = []
+    for kind in ("upload", "pcm", "upload"):
+        with spool.writer(kind) as writer:
+            files.append(writer.commit())
+    unrelated = tmp_path / "notes.txt"
+    unrelated.write_text("not the spool's")
+    an_hour_ago = time.time() - 3600
+    for path in (files[0].path, files[1].path, unrelated):
+        os.utime(path, (an_hour_ago, an_hour_ago))
+    assert spool.sweep(older_than_s=600) == 2
+    assert sorted(tmp_path.iterdir()) == sorted([tmp_path / os.path.basename(files[2].path), unrelated])

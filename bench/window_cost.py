@@ -9,9 +9,10 @@ audio second of one `align_batch` call, one thread; the median over the windows)
 
 Text-span experiment, on windows of the --span-lengths: the same windows aligned with K words too
 many (the first K words of the next window appended) or K too few (the window's last K words left
-out). Errors are grouped by the word's distance from the window's end (reference end of the word
-to the end of the window); "off" is a word with a boundary more than 100 ms from the reference, and
-"deepest off" is the farthest from the end any off word lay, in seconds and in words, over all windows.
+out). Errors are grouped by the word's place counted back from the last of the window's words that
+the text holds; a word has "moved" when its timing is more than 20 ms from where the exact text put
+it, and the deepest moved word says how much of the text's tail is not to be trusted. A window whose
+alignment fails outright counts as failed and is left out of the errors.
 
     .venv/bin/python -m bench.window_cost [--lengths 20 40 ...] [--windows 5] [--span-lengths 60 120]
 
@@ -32,11 +33,11 @@ import soundfile
 
 from bench.accuracy import THRESHOLDS_MS, AccuracyReport, ReferenceWord, load_eval_set, score_alignments
 from bench.long_audio import LongRecording, RecordingPlan, plan_recording, write_wav
-from deployments.backends.base import SAMPLE_RATE, AlignmentJob, JobOutcome
+from deployments.backends.base import SAMPLE_RATE, AlignmentJob, JobOutcome, UnitTiming
 from deployments.backends.pocketsphinx import PocketSphinxBackend
 
-OFF_MS = THRESHOLDS_MS[-1]  # a word with a boundary further off than this counts as wrong
-TAIL_BUCKETS_S = (0, 2, 5, 10, 20, 40)  # distance from the window's end, lower bounds in seconds
+MOVED_MS = 20  # a word whose timing changed by more than this when the text span was off has moved
+PLACE_BUCKETS = (0, 1, 2, 3, 5, 10, 20, 40)  # places counted back from the text's last word, lower bounds
 
 
 @dataclass(frozen=True)
@@ -120,73 +121,93 @@ def baseline(backend: PocketSphinxBackend, repetitions: int = 3) -> None:
     )
 
 
+def cost_row(backend, path: Path, label: str, windows: Sequence[Window]) -> None:
+    timed = [align_timed(backend, read_window(path, window), [w.word for w in window.words]) for window in windows]
+    report = score_alignments([(window.words, item.answer) for window, item in zip(windows, timed)])
+    wall = statistics.median(item.wall_seconds / window.duration for window, item in zip(windows, timed))
+    cpu = statistics.median(item.cpu_seconds / window.duration for window, item in zip(windows, timed))
+    failed = sum(not isinstance(item.answer, list) for item in timed)
+    print(f"| {label} | {len(windows)} | {wall:.4f} | {cpu:.4f} | {accuracy_cells(report)} | {failed} |", flush=True)
+
+
 def cost_by_length(backend, path: Path, plan, recording, lengths: Sequence[float], count: int) -> None:
     within = " | ".join(f"% <= {threshold} ms" for threshold in THRESHOLDS_MS)
     print("\n### Exact text: cost and accuracy by window length\n")
     print(f"| window | windows | RTF wall (median) | RTF CPU (median) | mean error ms | {within} | missing | failed |")
     print("|---|---|---|---|---|" + "---|" * len(THRESHOLDS_MS) + "---|---|")
     baseline(backend)
+    # Length 0 ends every window at the next cut: one utterance each, with the recording's pause noise.
+    singles = windows_of(plan, recording, 0, 10 * len(plan.source))
+    cost_row(backend, path, f"one by one (from the recording, {statistics.mean(w.duration for w in singles):.1f} s)", singles)
     for length in lengths:
         windows = windows_of(plan, recording, length, count)
-        timed = [align_timed(backend, read_window(path, window), [w.word for w in window.words]) for window in windows]
-        report = score_alignments([(window.words, item.answer) for window, item in zip(windows, timed)])
-        wall = statistics.median(item.wall_seconds / window.duration for window, item in zip(windows, timed))
-        cpu = statistics.median(item.cpu_seconds / window.duration for window, item in zip(windows, timed))
-        failed = sum(not isinstance(item.answer, list) for item in timed)
-        mean_length = statistics.mean(window.duration for window in windows)
-        print(
-            f"| {mean_length:.1f} s | {len(windows)} | {wall:.4f} | {cpu:.4f} | {accuracy_cells(report)} | {failed} |",
-            flush=True,
-        )
+        cost_row(backend, path, f"{statistics.mean(window.duration for window in windows):.1f} s", windows)
 
 
-def _bucket(distance: float) -> int:
-    return max(index for index, bound in enumerate(TAIL_BUCKETS_S) if distance >= bound)
+def _bucket(value: float, bounds: Sequence[float]) -> int:
+    return max(index for index, bound in enumerate(bounds) if value >= bound)
+
+
+def _labels(bounds: Sequence[int], unit: str) -> list[str]:
+    labels = []
+    for index, bound in enumerate(bounds):
+        upper = bounds[index + 1] - 1 if index + 1 < len(bounds) else None
+        labels.append(f">= {bound}{unit}" if upper is None else f"{bound}{unit}" if upper == bound else f"{bound}-{upper}{unit}")
+    return labels
+
+
+def _moved(exact: UnitTiming, got: UnitTiming) -> bool:
+    """Whether a word's timing differs from its exact-text timing by more than MOVED_MS at either boundary."""
+    pair = ((ReferenceWord(exact.text, exact.start, exact.end),), [got])
+    return score_alignments([pair]).percent_within_ms[MOVED_MS] < 100.0
 
 
 def tail_errors(backend, path: Path, plan, recording, length: float, count: int, ks: Sequence[int]) -> None:
+    """Windows aligned with their exact words, K words too many and K too few; errors by place in the text."""
     windows = windows_of(plan, recording, length, count)
+    audio = {window: read_window(path, window) for window in windows}
     conditions = [("exact", 0)] + [(f"+{k} words", k) for k in ks] + [(f"-{k} words", -k) for k in ks]
-    headers = []
-    for index, bound in enumerate(TAIL_BUCKETS_S):
-        upper = f"{TAIL_BUCKETS_S[index + 1]}" if index + 1 < len(TAIL_BUCKETS_S) else ""
-        headers.append(f"{bound}-{upper} s" if upper else f">= {bound} s")
     mean_length = statistics.mean(window.duration for window in windows)
     print(f"\n### Text span off by K words, windows of {mean_length:.1f} s ({len(windows)} windows)\n")
-    print("Cells: mean boundary error ms / % of boundaries within 50 ms, by the word's distance from the window's end.\n")
-    print(f"| text | {' | '.join(headers)} | deepest off (s / words) | missing | failed | RTF wall |")
-    print("|---|" + "---|" * len(headers) + "---|---|---|---|")
-    audio = {window: read_window(path, window) for window in windows}
+    print(
+        "Cells: mean boundary error ms / % of boundaries within 50 ms against the hand labels, by the word's "
+        "place counted back from the last of the window's words that the text holds (0 = that word). "
+        f"Moved: a word more than {MOVED_MS} ms from where the exact text put it; deepest = the farthest back "
+        "any moved word lay, in words and in seconds (reference ends) before that last word, over the aligned windows.\n"
+    )
+    print(f"| text | {' | '.join(_labels(PLACE_BUCKETS, ''))} | moved words | deepest moved (words / s) | failed windows | RTF wall |")
+    print("|---|" + "---|" * len(PLACE_BUCKETS) + "---|---|---|---|")
+    exact_answers: dict[Window, JobOutcome] = {}
     for label, k in conditions:
-        # One entry per scored word: its bucket, its distance from the end in s and in words, its pair.
-        scored: list[tuple[int, float, int, tuple]] = []
+        scored: list[tuple[int, tuple]] = []  # (place from the end, (reference, answer)) per aligned word
+        moved: list[tuple[int, float]] = []  # (place, seconds) before the last given word, per moved word
         failed, rtfs = 0, []
         for window in windows:
             words = [word.word for word in window.words]
-            if k > 0:
-                units, reference = words + list(window.following[:k]), window.words
-            else:
-                units, reference = words[: len(words) + k], window.words[: len(words) + k]
+            given = len(words) if k >= 0 else len(words) + k  # the window's words in the text
+            units = words[:given] + list(window.following[:k] if k > 0 else ())
             timed = align_timed(backend, audio[window], units)
             rtfs.append(timed.wall_seconds / window.duration)
-            failed += not isinstance(timed.answer, list)
-            for position, expected in enumerate(reference):
-                got = [timed.answer[position]] if isinstance(timed.answer, list) else timed.answer
-                distance = window.duration - expected.end
-                scored.append((_bucket(distance), distance, len(window.words) - 1 - position, ((expected,), got)))
+            if k == 0:
+                exact_answers[window] = timed.answer
+            if not isinstance(timed.answer, list):
+                failed += 1
+                continue
+            exact = exact_answers[window]
+            last_end = window.words[given - 1].end
+            for position in range(given):
+                got, place = timed.answer[position], given - 1 - position
+                scored.append((place, ((window.words[position],), [got])))
+                if isinstance(exact, list) and _moved(exact[position], got):
+                    moved.append((place, last_end - window.words[position].end))
         cells = []
-        for index in range(len(TAIL_BUCKETS_S)):
-            report = score_alignments([pair for bucket, _, _, pair in scored if bucket == index])
+        for index in range(len(PLACE_BUCKETS)):
+            report = score_alignments([pair for place, pair in scored if _bucket(place, PLACE_BUCKETS) == index])
             cells.append(f"{report.mean_ms:.0f} / {report.percent_within_ms[50]:.0f}" if report.boundaries else "-")
-        off = [
-            (distance, from_end)
-            for _, distance, from_end, pair in scored
-            if score_alignments([pair]).percent_within_ms[OFF_MS] < 100.0
-        ]
-        deepest = f"{max(d for d, _ in off):.1f} / {max(w for _, w in off)}" if off else "none"
-        missing = score_alignments([pair for *_, pair in scored]).missing_words
+        deepest = f"{max(p for p, _ in moved)} / {max(s for _, s in moved):.1f}" if moved else "none"
         print(
-            f"| {label} | {' | '.join(cells)} | {deepest} | {missing} | {failed} | {statistics.median(rtfs):.4f} |",
+            f"| {label} | {' | '.join(cells)} | {len(moved)} of {len(scored)} | {deepest} | {failed} of {len(windows)} "
+            f"| {statistics.median(rtfs):.4f} |",
             flush=True,
         )
 
@@ -201,8 +222,9 @@ def main() -> None:
     args = parser.parse_args()
 
     longest = max([*args.lengths, *args.span_lengths], default=0)
-    # Room for the windows of the longest length, plus the next window's words for the K-extra runs.
-    plan = plan_recording(longest * (args.windows + 1) + 60, seed=args.seed)
+    # Room for the windows of the longest length plus the next window's words for the K-extra runs,
+    # and for the single-utterance windows (ten passes through the set, ~4.2 s an utterance and pause).
+    plan = plan_recording(max(longest * (args.windows + 1) + 60, 600), seed=args.seed)
     backend = PocketSphinxBackend()
     with tempfile.TemporaryDirectory() as directory:
         path = Path(directory) / "long.wav"

@@ -57,6 +57,7 @@ sample: $(SAMPLE)
 export ALIGNER_REDIS_URL := redis://127.0.0.1:6380/0
 export ALIGNER_CLAMD_ADDRESS := unix://$(CURDIR)/$(SERVICES)/clamd/clamd.sock
 export ALIGNER_API_KEY_PEPPER_FILE := $(CURDIR)/$(PEPPER)
+export ALIGNER_SPOOL_DIR := $(CURDIR)/var/spool
 
 $(PEPPER):
 	mkdir -p $(dir $@)

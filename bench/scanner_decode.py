@@ -33,7 +33,7 @@ from serve_app.media import DecodeLimits, MediaRejected, Spool, decode_audio, sn
 from serve_app.media.clamav import ClamdScanner
 from tests.support.audio import encode, silence_flac
 from serve_app.media.inspect import decode_limits
-from serve_app.settings import ScannerOptions
+from serve_app.settings import IngressOptions, ScannerOptions
 from tests.support.hostile import HOSTILE_CASES, scanner_outcome
 from tools.local_services import ClamdServer
 
@@ -131,7 +131,7 @@ def run_corpus(clamd_address: str, spool_directory: str) -> dict[str, float | st
     refusal of the timed pass."""
     clamd = ClamdScanner(clamd_address, CLAMD_TIMEOUT_S)
     spool = Spool(spool_directory)
-    limits = decode_limits(ScannerOptions())
+    limits = decode_limits(ScannerOptions(), IngressOptions().max_audio_seconds)
     baseline_mb = _peak_rss_mb()
     uploads = [(case, case.build()) for case in HOSTILE_CASES]
     for case, upload in uploads:  # checks every outcome, and warms codec tables up

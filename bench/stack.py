@@ -30,6 +30,7 @@ class Stack:
             ALIGNER_CLAMD_ADDRESS=f"unix://{self.clamd.socket_path}",
             ALIGNER_API_KEY_PEPPER=self.pepper.decode(),
             ALIGNER_AUDIT_LOG=str(directory / "audit.jsonl"),
+            ALIGNER_SPOOL_DIR=str(directory / "spool"),
         )
 
     def api_key(self, plan: str, scopes: tuple[str, ...] = ("align",)) -> str:

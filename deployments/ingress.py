@@ -1,23 +1,25 @@
-"""Ingress deployment: the FastAPI app that every request enters through.
+"""Ingress deployment: the FastAPI app that every request enters through. HTTP only: routes,
+problems, headers; the work is in components it calls.
 
 POST /v1/align reads as the request path:
   1-5. admit the client, authenticate, authorize, shed, take a request token (Depends(authorized))
   6.   hold one of the principal's concurrent requests (all replicas: Redis leases, fail open),
        then a slot of this replica's concurrency cap                     (never depends on Redis)
-  7.   stream the multipart body under a byte cap and a pace (408 when idle or trickling)
-                                                                          (serve_app.api.upload)
+  7.   stream the multipart body into the spool under a byte cap and a pace (408 when idle or
+       trickling); the audio never sits whole in memory                  (serve_app.api.upload)
   8.   validate the transcript and its language                           (serve_app.text.transcript)
-  9.   scan: clamd, sniff, capped decode in a Scanner replica             (deployments.scanner)
-  10.  check duration and plausibility; only then charge the decoded audio seconds
-  11.  align in a batching Aligner replica; a 5xx refunds the charge       (deployments.aligner)
-  12.  map unit times back to the caller's words and render               (serve_app.text.timing, api.formats)
+  9.   the alignment pipeline: scan (clamd, sniff, capped streamed decode in a Scanner replica),
+       check and charge the decoded audio seconds, align it in windows on the batching Aligner
+       replicas, stitch the words                                         (serve_app.pipeline.alignment)
+  10.  render the words in the requested format                           (serve_app.text.formats)
 Each decision is counted (serve_app.metrics) and audited (serve_app.security.audit).
 
 Failure policy: a scanner or aligner that is down, saturated (Serve's max_queued_requests) or too
 slow answers 503 with Retry-After; a job the aligner's backend failed on answers 503 (out of
-memory: a retry may succeed) or 500 (no traceback), never the 422 of an input that cannot be aligned; clamd down answers 503 (fail closed); Redis down fails closed for
-authentication and open for rate limits (serve_app.api.gate); bad input answers a 4xx problem;
-nothing answers a traceback.
+memory: a retry may succeed) or 500 (no traceback), never the 422 of an input that cannot be
+aligned (serve_app.pipeline.alignment); clamd down answers 503 (fail closed); Redis down fails
+closed for authentication and open for rate limits (serve_app.api.gate); bad input answers a 4xx
+problem; nothing answers a traceback.
 
 Health: /v1/health is liveness (this replica answers), /v1/ready is readiness for a load balancer
 (ready/unavailable only), both open and free: /v1/ready answers from a report a background task
@@ -34,7 +36,6 @@ import logging
 import time
 import uuid
 
-import numpy as np
 from fastapi import Depends, FastAPI, Request, Response
 from fastapi.responses import JSONResponse, PlainTextResponse
 from ray import serve
@@ -42,14 +43,14 @@ from ray.exceptions import RayError
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
-from deployments.backends.base import AlignmentFailed, AlignmentJob, BackendFailed, BackendInfo, JobOutcome, UnitTiming
+from deployments.backends.base import AlignmentJob, BackendInfo, JobOutcome
 from serve_app import metrics
 from serve_app.api import admin
 from serve_app.text import formats
 from serve_app.api.openapi_security import with_security_schemes
 from serve_app.api.dependencies import authorized
 from serve_app.text.formats import OutputFormat
-from serve_app.api.gate import Caller, Gate
+from serve_app.api.gate import Caller, CallerLedger, Gate
 from serve_app.text.languages import canonical_language
 from serve_app.api.models import (
     ALIGN_REQUEST_BODY,
@@ -63,18 +64,18 @@ from serve_app.api.models import (
     problem_responses,
 )
 from serve_app.api.problems import install_problem_handlers
-from serve_app.problems import PROBLEM_TYPES, Problem, unavailable
+from serve_app.problems import Problem, unavailable
 from serve_app.api.upload import UploadLimits, read_align_form
 from serve_app.proxy_middleware import is_safe_request_id
-from serve_app.media import DecodedAudio
-from serve_app.media.inspect import Rejection, ScanUnavailable
+from serve_app.media.inspect import Verdict
+from serve_app.media.spool import Spool, SpooledFile
+from serve_app.pipeline.alignment import Alignment, AlignmentPipeline, AlignmentRequest
 from serve_app.security.audit import AuditLog
 from serve_app.security.concurrency import ConcurrencyCapReached
 from serve_app.security.ratelimit_headers import rate_limit_headers
 from serve_app.security.shedding import LoadSample
 from serve_app.settings import Environment, IngressOptions
-from serve_app.text.timing import WordTiming, word_timings
-from serve_app.text.transcript import Transcript, TranscriptRejected, check_plausible, parse_transcript
+from serve_app.text.transcript import Transcript, TranscriptRejected, parse_transcript
 
 logger = logging.getLogger("ray.serve")
 
@@ -84,26 +85,7 @@ _DEPENDENCY_PROBE_TIMEOUT_S = 5.0  # a loaded 2-core box answers a scanner call 
 # Older than this, the report no longer describes the dependencies (its task is stuck or dead).
 _DEPENDENCY_REPORT_MAX_AGE_S = 3 * (_DEPENDENCY_PROBE_INTERVAL_S + _DEPENDENCY_PROBE_TIMEOUT_S)
 _PUBLIC_PATHS = frozenset({"/v1/health", "/v1/ready"})
-_MIN_AUDIO_SECONDS = 0.1  # shorter holds no alignable word (Qwen3's time grid is 80 ms)
-
-
-def alignment_problem(outcome: JobOutcome, retry_after_s: int) -> Problem | None:
-    """The answer to a job the aligner did not align, None for timings.
-
-    A backend failure is ours, not the input's: 503 when a retry may succeed (out of memory), else
-    500; never the 422 of an input that cannot be aligned. An unknown reason is a backend bug.
-    """
-    if isinstance(outcome, BackendFailed):
-        if outcome.transient:
-            return unavailable("the aligner is short of memory; retry later", retry_after_s)
-        return Problem("internal-error", "the aligner failed on this request")
-    if isinstance(outcome, AlignmentFailed):
-        problem = PROBLEM_TYPES.get(outcome.reason)
-        if problem is None or problem.status != 422:
-            logger.error("the aligner answered an unknown failure reason")
-            return Problem("internal-error", "the aligner failed on this request")
-        return Problem(outcome.reason, outcome.detail)
-    return None
+_SPOOL_ORPHAN_AGE_S = 3600.0  # older spool files at start-up belong to requests that cannot still be running
 
 
 def _count_probe_failure(error_type: str) -> None:
@@ -164,6 +146,8 @@ class Ingress:
         self._aligner = aligner
         self._environment = Environment.from_env()
         self._audit = AuditLog.from_destination(self._environment.audit_log)
+        self._spool = Spool(self._environment.spool_dir)
+        self._spool.sweep(_SPOOL_ORPHAN_AGE_S)
         self._gate: Gate | None = None
         self._backend: BackendInfo | None = None  # fetched from the aligner once, then cached
         self._background: list[asyncio.Task] = []
@@ -226,26 +210,21 @@ class Ingress:
                     min_bytes_per_s=options.upload_min_bytes_per_s,
                     rate_grace_s=options.upload_rate_grace_s,
                 ),
+                self._spool,
             )
-        transcript = self._parse_transcript(form, options)
-        backend = await self._backend_info(options)
-        if transcript.language not in backend.languages:
-            raise Problem("unsupported-language", f"the {backend.name} backend does not align {transcript.language}")
-
-        audio = await self._scan(form, caller, options)
-        self._check_duration(audio, backend, transcript, self._gate.longest_audio_seconds(caller))
-        # Charged only once the request will be worked on, and given back when that work fails on
-        # our side (a 5xx): a caller pays for alignments, not for refusals or our outages.
-        await self._gate.charge_audio(caller, audio.duration_seconds)
         try:
-            timings = await self._align(AlignmentJob(audio.samples, transcript.units, transcript.language), options)
-        except Exception as failure:
-            if not isinstance(failure, Problem) or failure.type.status >= 500:
-                await self._gate.refund_audio(caller, audio.duration_seconds)
+            transcript = self._parse_transcript(form, options)
+            backend = await self._backend_info(options)
+            if transcript.language not in backend.languages:
+                raise Problem("unsupported-language", f"the {backend.name} backend does not align {transcript.language}")
+        except BaseException:
+            self._spool.remove(form.audio)  # the pipeline owns the upload only once it runs
             raise
-        metrics.AUDIO_SECONDS.inc(audio.duration_seconds, tags={"backend": backend.name})
-        words = word_timings(transcript, timings, audio.duration_seconds)
-        return self._render(form.format, request, transcript, audio, backend, words)
+        alignment = await self._pipeline(backend, options).run(
+            AlignmentRequest(form.audio, form.audio_content_type, transcript, self._gate.longest_audio_seconds(caller)),
+            CallerLedger(self._gate, caller),
+        )
+        return self._render(form.format, request, transcript, alignment, backend)
 
     @app.get("/v1/health", response_model=Health, summary="Liveness")
     async def health(self) -> Health:
@@ -302,51 +281,17 @@ class Ingress:
             self._backend = await self._downstream(self._aligner.info.remote(), "aligner", _BACKEND_INFO_TIMEOUT_S, options)
         return self._backend
 
-    async def _scan(self, form: AlignForm, caller: Caller, options: IngressOptions) -> DecodedAudio:
-        with metrics.timed("scan"):
-            # A numpy view crosses the hop without a copy into a Python bytes object on the other side.
-            verdict = await self._downstream(
-                self._scanner.inspect.remote(np.frombuffer(form.audio, dtype=np.uint8)), "scanner", options.scan_timeout_s, options
-            )
-        if isinstance(verdict, ScanUnavailable):
-            metrics.DEPENDENCY_ERRORS.inc(tags={"dependency": "clamd", "use": "scan"})
-            self._gate.audit.record(caller.audit, "scan", "unavailable", verdict.reason)
-            raise unavailable("the malware scanner is unavailable; retry later", options.retry_after_s)
-        if isinstance(verdict, Rejection):
-            await self._gate.upload_refused(caller, verdict.reason, verdict.signature)
-            raise Problem(verdict.reason, verdict.detail)
-        self._gate.audit.record(
-            caller.audit, "scan", "allowed", "clean",
-            upload_bytes=len(form.audio), decoded_seconds=round(verdict.duration_seconds, 3), container=verdict.container,
-            declared_type=form.audio_content_type,
-        )  # fmt: skip
-        return verdict
+    def _pipeline(self, backend: BackendInfo, options: IngressOptions) -> AlignmentPipeline:
+        """The pipeline with this request's options: the deployments behind timeouts and 503s."""
 
-    @staticmethod
-    def _check_duration(audio: DecodedAudio, backend: BackendInfo, transcript: Transcript, longest_admitted_s: float) -> None:
-        if audio.duration_seconds < _MIN_AUDIO_SECONDS:
-            raise Problem("audio-too-short", f"the audio lasts {audio.duration_seconds:.3f} s; at least {_MIN_AUDIO_SECONDS} s is needed")
-        if audio.duration_seconds > backend.max_audio_seconds:
-            raise Problem(
-                "audio-too-long",
-                f"the audio lasts {audio.duration_seconds:.1f} s; the {backend.name} backend aligns at most {backend.max_audio_seconds:.0f} s",
-            )
-        if audio.duration_seconds > longest_admitted_s:
-            raise Problem(
-                "audio-too-long", f"the audio lasts {audio.duration_seconds:.1f} s; this plan admits at most {longest_admitted_s:g} s"
-            )
-        try:
-            check_plausible(transcript, audio.duration_seconds)
-        except TranscriptRejected as rejected:
-            raise Problem(rejected.reason, rejected.detail) from None
+        async def scan(upload: SpooledFile, max_audio_seconds: float) -> Verdict:
+            call = self._scanner.inspect.remote(upload, max_audio_seconds)
+            return await self._downstream(call, "scanner", options.scan_timeout_for(upload.size), options)
 
-    async def _align(self, job: AlignmentJob, options: IngressOptions) -> list[UnitTiming]:
-        with metrics.timed("align"):
-            outcome = await self._downstream(self._aligner.align.remote(job), "aligner", options.align_timeout_s, options)
-        problem = alignment_problem(outcome, options.retry_after_s)
-        if problem is not None:
-            raise problem
-        return outcome
+        async def align(job: AlignmentJob) -> JobOutcome:
+            return await self._downstream(self._aligner.align.remote(job), "aligner", options.align_timeout_s, options)
+
+        return AlignmentPipeline(scan, align, self._spool, backend, options.retry_after_s)
 
     @staticmethod
     async def _downstream(response, name: str, timeout_s: float, options: IngressOptions):
@@ -364,15 +309,8 @@ class Ingress:
             raise unavailable(f"the {name} failed; retry later", options.retry_after_s) from None
 
     @staticmethod
-    def _render(
-        output: OutputFormat,
-        request: Request,
-        transcript: Transcript,
-        audio: DecodedAudio,
-        backend: BackendInfo,
-        words: list[WordTiming],
-    ) -> Response:
-        duration = round(audio.duration_seconds, 3)
+    def _render(output: OutputFormat, request: Request, transcript: Transcript, alignment: Alignment, backend: BackendInfo) -> Response:
+        words, duration = alignment.words, round(alignment.duration, 3)
         if output is OutputFormat.srt:
             return PlainTextResponse(formats.to_srt(words), media_type=formats.MEDIA_TYPES[output])
         if output is OutputFormat.vtt:

@@ -1,14 +1,19 @@
 """Scanner deployment: the isolation boundary for everything that parses untrusted bytes.
 
-Each upload is scanned by clamd, sniffed with libmagic and decoded with hard caps to 16 kHz mono
-float32 (serve_app.media.inspect), in this deployment's own CPU replicas: a decoder blow-up costs a
-scanner replica, which Serve replaces, never the ingress or an aligner. The answer is a verdict
-value (accepted audio, a rejection, or "clamd unavailable"), never an exception for bad input.
+Each upload (a spool file the ingress wrote) is streamed to clamd, sniffed with libmagic and decoded
+with hard caps to 16 kHz mono PCM in another spool file (serve_app.media.inspect), in this
+deployment's own CPU replicas: a decoder blow-up costs a scanner replica, which Serve replaces,
+never the ingress or an aligner. Nothing is held whole in memory: clamd and the decoder read the
+upload in chunks, and the decoder writes as it goes. The caps scale with the audio the request may
+hold (`max_audio_seconds`, the ingress's route and plan limit). The answer is a verdict value
+(accepted audio, with where its PCM is, a rejection, or "clamd unavailable"), never an exception
+for bad input.
 
 Failure policy: clamd down or erroring -> `ScanUnavailable`, which the ingress answers with 503 +
 Retry-After (fail closed), counted as aligner_scanner_verdicts{verdict="unavailable"}; each scan
 opens a new connection, so service resumes by itself when clamd is back. A scan whose caller gave
-up keeps its slot until its thread ends (bounded by max_decode_wall_seconds and clamd_timeout_s).
+up keeps its slot until its thread ends (bounded by max_decode_wall_seconds and clamd_timeout_s),
+and the PCM it decoded is removed then.
 """
 
 from __future__ import annotations
@@ -16,13 +21,14 @@ from __future__ import annotations
 import asyncio
 import os
 
-import numpy as np
 from ray import serve
 
 from deployments.probe_access_log import quiet_probe_access_logs
 from serve_app import metrics
+from serve_app.media import DecodedAudio
 from serve_app.media.clamav import ClamdScanner
 from serve_app.media.inspect import Rejection, ScanUnavailable, Verdict, decode_limits, inspect_upload
+from serve_app.media.spool import Spool, SpooledFile
 from serve_app.settings import Environment, ScannerOptions
 
 _CLAMD_PROBE_INTERVAL_S = 5.0
@@ -40,22 +46,23 @@ class Scanner:
     def __init__(self) -> None:
         metrics.label_with_replica()
         quiet_probe_access_logs("load", "ready")  # the ingress probes these every second or two
-        self._clamd_address = Environment.from_env().clamd_address
+        environment = Environment.from_env()
+        self._clamd_address = environment.clamd_address
+        self._spool = Spool(environment.spool_dir)
         self._in_flight = 0
         self._probe = asyncio.get_running_loop().create_task(self._probe_clamd())
 
     def reconfigure(self, user_config: dict) -> None:
         # Serve always calls this before the first request (user_config has a default above).
-        options = ScannerOptions.model_validate(user_config)
-        self._limits = decode_limits(options)
+        self._options = options = ScannerOptions.model_validate(user_config)
         self._clamd = ClamdScanner(self._clamd_address, options.clamd_timeout_s)
         # Bounds the decodes (and their memory) running at once in this replica, whatever
         # max_ongoing_requests lets in; it is also the capacity the shedder compares load with.
         self._capacity = options.max_concurrent_scans
         self._slots = asyncio.Semaphore(options.max_concurrent_scans)
 
-    async def inspect(self, upload: np.ndarray) -> Verdict:
-        """Scan and decode one upload (uint8 array). Runs in a worker thread: it blocks."""
+    async def inspect(self, upload: SpooledFile, max_audio_seconds: float) -> Verdict:
+        """Scan and decode one spooled upload, admitting at most `max_audio_seconds`. Runs in a worker thread: it blocks."""
         self._in_flight += 1
         slots = self._slots  # the semaphore this scan holds, even if reconfigure() replaces it
         try:
@@ -67,9 +74,14 @@ class Scanner:
         # this call) the decode runs on until its own wall-time cap. Its slot and its place in the
         # backlog are given back when the thread really ends, so a replica never decodes more
         # than max_concurrent_scans uploads at once, and the shedder sees that work.
-        scan = asyncio.ensure_future(asyncio.to_thread(inspect_upload, upload.tobytes(), self._clamd, self._limits))
+        limits = decode_limits(self._options, max_audio_seconds)
+        scan = asyncio.ensure_future(asyncio.to_thread(inspect_upload, upload, self._clamd, limits, self._spool))
         scan.add_done_callback(lambda finished: self._scan_ended(finished, slots))
-        verdict = await asyncio.shield(scan)
+        try:
+            verdict = await asyncio.shield(scan)
+        except asyncio.CancelledError:  # nobody will read the PCM this scan writes: remove it when it ends
+            scan.add_done_callback(self._discard_unclaimed)
+            raise
         if isinstance(verdict, ScanUnavailable):
             metrics.SCANNER_VERDICTS.inc(tags={"verdict": "unavailable"})
             metrics.DEPENDENCY_ERRORS.inc(tags={"dependency": "clamd", "use": "scan"})
@@ -87,6 +99,10 @@ class Scanner:
         self._in_flight -= 1
         if not scan.cancelled():
             scan.exception()  # retrieved here too: a scan whose caller left must not log "never retrieved"
+
+    def _discard_unclaimed(self, scan: asyncio.Future) -> None:
+        if not scan.cancelled() and scan.exception() is None and isinstance(scan.result(), DecodedAudio):
+            self._spool.remove(scan.result().pcm_path)
 
     async def load(self) -> dict[str, int]:
         return {"scanner_backlog": self._in_flight, "scanner_capacity": self._capacity}

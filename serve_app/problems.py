@@ -58,6 +58,7 @@ _CATALOGUE = [
     ProblemType("decode-timeout", 422, "Decoding the audio took too long"),
     # alignment
     ProblemType("no-alignment-found", 422, "The transcript could not be aligned to the audio"),
+    ProblemType("transcript-audio-mismatch", 422, "The transcript does not match the audio"),
     ProblemType("unpronounceable-unit", 422, "The transcript has a word the backend cannot pronounce"),
     # authentication and traffic control
     ProblemType("unauthenticated", 401, "A valid credential is required"),

@@ -163,22 +163,36 @@ class AbuseOptions(_Strict):
         return self
 
 
+class LongFormLimits(_Strict):
+    """What one long-form request may hold (the asynchronous job API applies these)."""
+
+    max_upload_bytes: int = Field(2 * 1024**3, gt=0, description="Whole upload (2 GiB).")
+    max_audio_seconds: float = Field(36_000.0, gt=0, description="Longest decoded audio (10 h); a plan's max_audio_seconds may lower it.")
+    max_transcript_chars: int = Field(700_000, gt=0)
+    max_transcript_units: int = Field(150_000, gt=0, description="Alignment units (10 h at 4 words a second is 144k).")
+
+
 class IngressOptions(_Strict):
     """Live knobs of the ingress: what a request may contain, who may call, how often."""
 
-    max_upload_bytes: int = Field(25 * 1024 * 1024, gt=0, description="Whole multipart body.")
+    # 30 min of 16 kHz 16-bit mono WAV is 57.6 MB; the rest is room for the transcript and the form.
+    max_upload_bytes: int = Field(64 * 1024 * 1024, gt=0, description="Whole multipart body of POST /v1/align.")
     upload_idle_timeout_s: float = Field(10.0, gt=0, le=300, description="Longest silence inside a body (408 past it).")
     upload_min_bytes_per_s: float = Field(8192.0, ge=0, description="Average body rate required after the grace period (408 below).")
     upload_rate_grace_s: float = Field(10.0, ge=0, description="Time a body may take before its average rate is checked.")
-    max_transcript_chars: int = Field(20_000, gt=0)
-    max_transcript_units: int = Field(5_000, gt=0, description="Alignment units (words, CJK characters).")
+    max_transcript_chars: int = Field(100_000, gt=0, description="Transcript of POST /v1/align.")
+    max_transcript_units: int = Field(20_000, gt=0, description="Alignment units (words, CJK characters) of POST /v1/align.")
     default_language: str = Field("English", description="Used when a request names no language.")
     max_audio_seconds: float = Field(
-        600.0, gt=0, description="Longest decoded audio the ingress admits (the backend's own limit may be lower); "
-        "every plan's audio_seconds_burst must hold it."
+        1800.0, gt=0, description="Longest decoded audio POST /v1/align admits (longer files are windowed across "
+        "aligner jobs); every plan's audio_seconds_burst must hold it."
     )
-    scan_timeout_s: float = Field(30.0, gt=0)
-    align_timeout_s: float = Field(120.0, gt=0)
+    long_form: LongFormLimits = Field(default_factory=LongFormLimits)
+    scan_timeout_s: float = Field(30.0, gt=0, description="Bound on one scan, plus the upload's size over scan_min_bytes_per_s.")
+    scan_min_bytes_per_s: float = Field(
+        4 * 1024 * 1024, gt=0, description="Scanning (clamd, decoding) throughput a large upload is allowed for."
+    )
+    align_timeout_s: float = Field(120.0, gt=0, description="Bound on one aligner job (a long file's window).")
     retry_after_s: int = Field(5, ge=1, description="Retry-After sent with 503 answers.")
     api_key_cache_s: float = Field(5.0, ge=0, le=60, description="Bound on how long a revoked key keeps working.")
     api_key_stale_s: float = Field(
@@ -220,6 +234,9 @@ class IngressOptions(_Strict):
             raise ValueError(f"unknown plan(s): {sorted(missing or {'standard'})}")
         return self
 
+    def scan_timeout_for(self, upload_bytes: int) -> float:
+        return self.scan_timeout_s + upload_bytes / self.scan_min_bytes_per_s
+
     def longest_audio_seconds(self, plan: Plan) -> float:
         """The longest decoded audio one request on `plan` may send."""
         return min(self.max_audio_seconds, plan.max_audio_seconds or self.max_audio_seconds)
@@ -242,12 +259,15 @@ class IngressOptions(_Strict):
 class ScannerOptions(_Strict):
     """Live knobs of the scanner: the hard caps applied while decoding untrusted audio."""
 
-    max_decoded_seconds: float = Field(600.0, gt=0)
+    # A request is decoded under these caps scaled to the audio it may hold (serve_app.media.inspect.decode_limits):
+    # a 30 min POST /v1/align gets 1800/36000 of the wall time and of the decoding work.
+    max_decoded_seconds: float = Field(36_000.0, gt=0, description="The longest audio any request may decode to (10 h).")
     max_channels: int = Field(8, ge=1, le=64)
     max_sample_rate: int = Field(192_000, ge=8_000)
-    max_decode_wall_seconds: float = Field(20.0, gt=0)
+    max_decode_wall_seconds: float = Field(1200.0, gt=0, description="Wall time to decode max_decoded_seconds (scaled per request).")
     max_source_samples: int = Field(
-        600 * 48_000 * 2, ge=1, description="Decoding work: source samples x channels (600 s of 48 kHz stereo)."
+        36_000 * 48_000 * 2, ge=1, description="Decoding work for max_decoded_seconds: source samples x channels "
+        "(10 h of 48 kHz stereo; scaled per request)."
     )
     clamd_timeout_s: float = Field(10.0, gt=0, description="Bound on one clamd scan, connecting included.")
     max_concurrent_scans: int = Field(4, ge=1, le=64, description="Decodes running at once per replica.")
@@ -304,6 +324,7 @@ class Environment(_Strict):
     api_key_pepper: SecretStr | None
     introspection_client_secret: SecretStr | None
     audit_log: str  # "stdout" or a file path
+    spool_dir: str  # uploads and decoded audio on local disk (serve_app.media.spool)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> "Environment":
@@ -314,6 +335,7 @@ class Environment(_Strict):
             api_key_pepper=_secret(environ, "ALIGNER_API_KEY_PEPPER"),
             introspection_client_secret=_secret(environ, "ALIGNER_INTROSPECTION_CLIENT_SECRET"),
             audit_log=environ.get("ALIGNER_AUDIT_LOG", "stdout"),
+            spool_dir=environ.get("ALIGNER_SPOOL_DIR", "/var/tmp/forced-aligner/spool"),
         )
 
 

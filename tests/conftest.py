@@ -37,7 +37,8 @@ PEPPER = b"test-pepper-not-for-production-0001"
 DRIVER_APPLICATION = "pytest-driver"  # the application label of metrics this process records
 
 EVAL_DIR = ROOT.parent / "shared" / "eval" / "emuR_ae"
-TEST_MAX_UPLOAD_BYTES = 4 * 1024 * 1024  # small, so the 413 tests stay quick
+TEST_MAX_UPLOAD_BYTES = 16 * 1024 * 1024  # small, so the 413 tests stay quick; a 5 min FLAC fits
+TEST_QWEN3_WINDOW_S = 30.0  # "qwen3" app: a 5 min file takes many windows (tests/test_long_form.py)
 TEST_PLANS = {
     "unlimited": {"requests_burst": 100000, "requests_per_minute": 100000, "audio_seconds_burst": 1e7, "audio_seconds_per_hour": 1e7, "priority": 10, "max_concurrent_requests": 1000},
     "five-requests": {"requests_burst": 5, "requests_per_minute": 0.001, "audio_seconds_burst": 1e6, "audio_seconds_per_hour": 1e6},
@@ -78,7 +79,9 @@ def _test_applications(tiny_checkpoint: Path, oauth_issuer_url: str) -> list[dic
         ingress["autoscaling_config"].update(min_replicas=2, max_replicas=2)
 
     def tiny_qwen3(app: dict) -> None:
-        app["args"].update(backend="qwen3", qwen3_model=str(tiny_checkpoint), qwen3_dtype="float32")
+        app["args"].update(
+            backend="qwen3", qwen3_model=str(tiny_checkpoint), qwen3_dtype="float32", qwen3_max_audio_seconds=TEST_QWEN3_WINDOW_S
+        )
         ingress = _test_ingress(app, oauth_issuer_url)
         ingress["user_config"].update(abuse=TEST_ABUSE, shedding=TEST_SHEDDING, upload_idle_timeout_s=TEST_UPLOAD_IDLE_TIMEOUT_S)
 
@@ -115,7 +118,13 @@ def audit_log_path(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def ray_cluster(redis_server, clamd_server, audit_log_path):
+def spool_dir(tmp_path_factory) -> Path:
+    """The replicas' spool (uploads, decoded PCM): tests check that requests leave nothing in it."""
+    return tmp_path_factory.mktemp("spool") / "spool"
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(redis_server, clamd_server, audit_log_path, spool_dir):
     import ray
 
     # Replicas inherit the environment Ray starts with: point them at this session's services.
@@ -123,6 +132,7 @@ def ray_cluster(redis_server, clamd_server, audit_log_path):
     os.environ["ALIGNER_CLAMD_ADDRESS"] = f"unix://{clamd_server.socket_path}"
     os.environ["ALIGNER_API_KEY_PEPPER"] = PEPPER.decode()
     os.environ["ALIGNER_AUDIT_LOG"] = str(audit_log_path)
+    os.environ["ALIGNER_SPOOL_DIR"] = str(spool_dir)
     start_ray()
     # Tests drive deployment code in-process too (tests/test_backend_failures.py): what this driver
     # records reaches the cluster's metrics, labelled as the driver's, not as a replica's.

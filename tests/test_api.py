@@ -153,12 +153,6 @@ def test_qwen3_backend_serves_every_language(client, text, language, expected_wo
     assert_well_formed(body["words"], body["duration"])
 
 
-def test_qwen3_rejects_audio_beyond_its_reliable_range(client):
-    long_audio = silence_flac(200.0, 16_000, 1)  # within the scanner's cap, beyond qwen3's 180 s
-    response = post_align(client, long_audio, "hello there", prefix="/qwen3")
-    assert_problem(response, 422, "audio-too-long")
-
-
 def test_concurrent_requests_are_batched(client, ray_cluster):
     from ray import serve
 

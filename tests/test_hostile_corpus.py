@@ -16,7 +16,7 @@ from serve_app.problems import PROBLEM_TYPES
 from serve_app.media.clamav import ClamdScanner
 from serve_app.media.errors import RejectionReason
 from serve_app.media.inspect import decode_limits
-from serve_app.settings import ScannerOptions
+from serve_app.settings import IngressOptions, ScannerOptions
 from tests.support.hostile import (
     ACCEPTED_STATUS,
     HOSTILE_CASES,
@@ -34,7 +34,7 @@ def clamd(clamd_server) -> ClamdScanner:
 @pytest.mark.parametrize("case", HOSTILE_CASES, ids=lambda case: case.name)
 def test_case_gets_its_expected_outcome(case: HostileCase, clamd: ClamdScanner, tmp_path):
     spool = Spool(tmp_path / "spool")
-    assert scanner_outcome(case.build(), clamd, decode_limits(ScannerOptions()), spool) == case.expected_slug
+    assert scanner_outcome(case.build(), clamd, decode_limits(ScannerOptions(), IngressOptions().max_audio_seconds), spool) == case.expected_slug
     assert list((tmp_path / "spool").iterdir()) == []
 
 

@@ -126,22 +126,24 @@ async def test_retry_after_applies_live_to_the_rate_limiters_own_503(private_red
 
 
 @pytest.mark.asyncio
-async def test_a_cancelled_scan_keeps_its_slot_until_its_decode_thread_ends(clamd_server, monkeypatch):
-    import numpy as np
-
+async def test_a_cancelled_scan_keeps_its_slot_until_its_decode_thread_ends(clamd_server, monkeypatch, tmp_path):
     from deployments.scanner import Scanner
+    from serve_app.media import Spool
     from tests.support.audio import silence_flac
 
     monkeypatch.setenv("ALIGNER_CLAMD_ADDRESS", f"unix://{clamd_server.socket_path}")
+    monkeypatch.setenv("ALIGNER_SPOOL_DIR", str(tmp_path / "spool"))
     scanner = Scanner.func_or_class()
     wall_s = 1.5
     # Caps raised so that only the wall-time cap stops this hour of 192 kHz 7.1 silence.
     scanner.reconfigure(
         ScannerOptions(max_concurrent_scans=1, max_decode_wall_seconds=wall_s, max_decoded_seconds=1e6, max_source_samples=10**13).model_dump()
     )
-    bomb = np.frombuffer(silence_flac(3600.0, 192_000, 8, declare_length=False), dtype=np.uint8)
+    with Spool(tmp_path / "spool").writer("upload") as writer:
+        writer.write(silence_flac(3600.0, 192_000, 8, declare_length=False))
+        bomb = writer.commit()
     try:
-        caller = asyncio.create_task(scanner.inspect(bomb))
+        caller = asyncio.create_task(scanner.inspect(bomb, 1e6))
         await asyncio.sleep(0.3)  # clamd has answered; the decode runs in its thread
         caller.cancel()  # what the ingress's scan timeout does
         with pytest.raises(asyncio.CancelledError):

@@ -2,7 +2,7 @@
 
 from dataclasses import dataclass
 
-from serve_app.text.timing import word_timings
+from serve_app.text.timing import unit_spans, word_timings
 from serve_app.text.transcript import parse_transcript
 
 
@@ -28,7 +28,7 @@ def assert_well_formed(words, duration):
 def test_one_to_one_units_map_directly_and_multi_unit_words_span_their_units():
     transcript = parse("Hello, well-known world!")
     timings = [Unit("Hello", 0.1, 0.4), Unit("well", 0.5, 0.7), Unit("known", 0.7, 1.0), Unit("world", 1.1, 1.5)]
-    words = word_timings(transcript, timings, audio_seconds=2.0)
+    words = word_timings(transcript, unit_spans(transcript.units, timings), audio_seconds=2.0)
     assert [(word.text, word.start, word.end) for word in words] == [
         ("Hello,", 0.1, 0.4),
         ("well-known", 0.5, 1.0),
@@ -39,28 +39,28 @@ def test_one_to_one_units_map_directly_and_multi_unit_words_span_their_units():
 def test_backend_resplitting_is_mapped_by_characters():
     transcript = parse("안녕하세요 세계", "Korean")
     timings = [Unit("안녕", 0.0, 0.3), Unit("하세요", 0.3, 0.8), Unit("세계", 0.9, 1.2)]
-    words = word_timings(transcript, timings, audio_seconds=2.0)
+    words = word_timings(transcript, unit_spans(transcript.units, timings), audio_seconds=2.0)
     assert [(word.start, word.end) for word in words] == [(0.0, 0.8), (0.9, 1.2)]
 
 
 def test_words_without_time_get_zero_length_next_to_neighbours():
     transcript = parse("— one & two")
     timings = [Unit("one", 0.5, 0.9), Unit("two", 1.0, 1.4)]
-    words = word_timings(transcript, timings, audio_seconds=2.0)
+    words = word_timings(transcript, unit_spans(transcript.units, timings), audio_seconds=2.0)
     assert [(word.text, word.start, word.end) for word in words] == [("—", 0.5, 0.5), ("one", 0.5, 0.9), ("&", 0.9, 0.9), ("two", 1.0, 1.4)]
 
 
 def test_dropped_units_do_not_shift_later_words():
     transcript = parse("alpha beta gamma")
     timings = [Unit("alpha", 0.0, 0.5), Unit("gamma", 1.0, 1.5)]  # the backend lost "beta"
-    words = word_timings(transcript, timings, audio_seconds=2.0)
+    words = word_timings(transcript, unit_spans(transcript.units, timings), audio_seconds=2.0)
     assert [(word.start, word.end) for word in words] == [(0.0, 0.5), (0.5, 0.5), (1.0, 1.5)]
 
 
 def test_out_of_range_and_non_monotonic_times_are_repaired():
     transcript = parse("a b c d")
     timings = [Unit("a", -0.3, 0.6), Unit("b", 0.4, 0.2), Unit("c", 0.3, 9.0), Unit("d", 5.0, 7.0)]
-    words = word_timings(transcript, timings, audio_seconds=3.0)
+    words = word_timings(transcript, unit_spans(transcript.units, timings), audio_seconds=3.0)
     assert_well_formed(words, 3.0)
     assert words[0].start == 0.0
     assert words[-1].end == 3.0

@@ -47,8 +47,9 @@ logger = logging.getLogger("ray.serve")
 WIDE_BEAMS = {"beam": 1e-80, "pbeam": 1e-80, "wbeam": 1e-60, "maxhmmpf": -1}
 WIDEST_BEAMS = {"beam": 1e-300, "pbeam": 1e-300, "wbeam": 1e-300, "maxhmmpf": -1}
 
-# 600 s aligns in ~20 s on one core with ~150 MB peak (measured on concatenated dev clips).
-MAX_AUDIO_SECONDS = 600.0
+# The longest job: cost per audio second is flat up to ~90 s and grows past it (1.8x at 300 s,
+# bench/window_cost.py); longer audio is aligned in windows (serve_app.pipeline.windows).
+MAX_AUDIO_SECONDS = 90.0
 
 # Invented words stay in a decoder's dictionary; once their phones (alternates included) pass this
 # many the decoder is rebuilt (~0.1 s), so a stream of unique unknown words cannot grow it without

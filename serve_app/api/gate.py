@@ -284,3 +284,23 @@ class Gate:
         for ban in bans:
             metrics.BANS.inc(tags={"subject": ban.subject.split(":", 1)[0], "action": "imposed"})
             self.audit.record(caller.audit, "ban", "imposed", ban.reason, duration_s=ban.duration_s, offence=ban.offence)
+
+
+@dataclass(frozen=True)
+class CallerLedger:
+    """One caller's quota and audit trail, as the alignment pipeline sees them (serve_app.pipeline.alignment.Ledger)."""
+
+    gate: Gate
+    caller: Caller
+
+    async def charge_audio(self, seconds: float) -> None:
+        await self.gate.charge_audio(self.caller, seconds)
+
+    async def refund_audio(self, seconds: float) -> None:
+        await self.gate.refund_audio(self.caller, seconds)
+
+    async def upload_refused(self, reason: str, signature: str | None) -> None:
+        await self.gate.upload_refused(self.caller, reason, signature)
+
+    def scan_recorded(self, outcome: str, reason: str, **fields: object) -> None:
+        self.gate.audit.record(self.caller.audit, "scan", outcome, reason, **fields)

@@ -43,14 +43,24 @@ class ScanUnavailable:
 Verdict = DecodedAudio | Rejection | ScanUnavailable
 
 
-def decode_limits(options: ScannerOptions) -> DecodeLimits:
-    """The decode caps a scanner applies under these options."""
+_MIN_DECODE_WALL_SECONDS = 10.0  # a short request's scaled wall-time cap never drops below this
+
+
+def decode_limits(options: ScannerOptions, admitted_seconds: float) -> DecodeLimits:
+    """The decode caps for a request that may hold `admitted_seconds` of audio.
+
+    The options describe the longest request (`max_decoded_seconds`); wall time and decoding work
+    scale down with the share of it this request may use, so a 30 min request cannot spend the
+    decoding budget of a 10 h one.
+    """
+    seconds = min(admitted_seconds, options.max_decoded_seconds)
+    share = seconds / options.max_decoded_seconds
     return DecodeLimits(
-        max_decoded_seconds=options.max_decoded_seconds,
+        max_decoded_seconds=seconds,
         max_channels=options.max_channels,
         max_sample_rate=options.max_sample_rate,
-        max_wall_seconds=options.max_decode_wall_seconds,
-        max_source_samples=options.max_source_samples,
+        max_wall_seconds=max(options.max_decode_wall_seconds * share, min(options.max_decode_wall_seconds, _MIN_DECODE_WALL_SECONDS)),
+        max_source_samples=max(round(options.max_source_samples * share), 1),
     )
 
 

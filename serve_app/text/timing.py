@@ -5,6 +5,9 @@ mapping goes through characters: every kept character of the transcript's units 
 backend item that covers it, and a unit takes the span of the items covering its characters.
 Whatever cannot be matched is placed next to its neighbours with zero length rather than invented.
 
+`unit_spans` matches one backend answer to the units it was asked for (per window, for long files:
+serve_app.pipeline.windows); `word_timings` turns the spans of all units into the caller's words.
+
 Guarantees of `word_timings` (tested): one entry per input word, in order, text unchanged;
 0 <= start <= end <= audio duration; starts never decrease and no word ends after the next starts.
 """
@@ -27,6 +30,9 @@ class UnitTiming(Protocol):
     end: float
 
 
+Span = tuple[float, float]  # (start, end) seconds
+
+
 @dataclass(frozen=True)
 class WordTiming:
     text: str
@@ -39,12 +45,12 @@ def _fold(text: str) -> str:
     return "".join(char for char in unicodedata.normalize("NFC", text).casefold() if not char.isspace())
 
 
-def _char_spans(units: Sequence[str], items: Sequence[UnitTiming]) -> list[tuple[float, float] | None]:
+def _char_spans(units: Sequence[str], items: Sequence[UnitTiming]) -> list[Span | None]:
     """Spans for units whose text a backend re-split: match characters, take the covering items."""
     unit_of_char = [index for index, unit in enumerate(units) for _ in _fold(unit)]
     item_of_char = [index for index, item in enumerate(items) for _ in _fold(item.text)]
     ours, theirs = "".join(_fold(unit) for unit in units), "".join(_fold(item.text) for item in items)
-    spans: list[tuple[float, float] | None] = [None] * len(units)
+    spans: list[Span | None] = [None] * len(units)
     for block in SequenceMatcher(a=ours, b=theirs, autojunk=False).get_matching_blocks():
         for offset in range(block.size):
             unit = unit_of_char[block.a + offset]
@@ -54,13 +60,13 @@ def _char_spans(units: Sequence[str], items: Sequence[UnitTiming]) -> list[tuple
     return spans
 
 
-def _unit_spans(units: Sequence[str], timings: Sequence[UnitTiming]) -> list[tuple[float, float] | None]:
+def unit_spans(units: Sequence[str], timings: Sequence[UnitTiming]) -> list[Span | None]:
     """A (start, end) per unit, or None for a unit the backend gave no time.
 
     Whole units are matched first, so a dropped unit cannot pull its neighbours' characters; only
     the stretches that differ (a unit re-split or merged by the backend) are matched by character.
     """
-    spans: list[tuple[float, float] | None] = [None] * len(units)
+    spans: list[Span | None] = [None] * len(units)
     matcher = SequenceMatcher(a=[_fold(unit) for unit in units], b=[_fold(item.text) for item in timings], autojunk=False)
     for tag, unit_start, unit_end, item_start, item_end in matcher.get_opcodes():
         if tag == "equal":
@@ -72,10 +78,9 @@ def _unit_spans(units: Sequence[str], timings: Sequence[UnitTiming]) -> list[tup
     return spans
 
 
-def word_timings(transcript: Transcript, timings: Sequence[UnitTiming], audio_seconds: float) -> list[WordTiming]:
-    spans = _unit_spans(transcript.units, timings)
-
-    raw: list[tuple[float, float] | None] = []
+def word_timings(transcript: Transcript, spans: Sequence[Span | None], audio_seconds: float) -> list[WordTiming]:
+    """One timing per word of `transcript`, from a span (or None) per unit of it."""
+    raw: list[Span | None] = []
     unit_index = 0
     for word in transcript.words:
         word_spans = [span for span in spans[unit_index : unit_index + len(word.units)] if span is not None]
@@ -84,7 +89,7 @@ def word_timings(transcript: Transcript, timings: Sequence[UnitTiming], audio_se
     return _monotonic(transcript, raw, audio_seconds)
 
 
-def _monotonic(transcript: Transcript, raw: list[tuple[float, float] | None], audio_seconds: float) -> list[WordTiming]:
+def _monotonic(transcript: Transcript, raw: list[Span | None], audio_seconds: float) -> list[WordTiming]:
     """Clamp to [0, duration], make starts non-decreasing and words non-overlapping.
 
     A word with no time sits at the end of the previous word (or at the start of the next timed

@@ -1,0 +1,186 @@
+"""One alignment, from a spooled upload to the caller's words: scan -> charge -> window -> align -> stitch.
+
+POST /v1/align calls it (deployments.ingress) and so will the job runner: the steps, their order
+and their refusals are the same behind both front doors. No FastAPI and no Serve here; what the
+pipeline needs from the outside is passed in:
+- `Scan`: the Scanner deployment (clamd, sniff, capped streamed decode into the spool);
+- `Align`: the Aligner deployment (one job: one window's audio and its units);
+- `Ledger`: the caller's account and audit trail (serve_app.api.gate binds one to a caller).
+Both calls answer 503 problems themselves when the deployment is down, saturated or slow.
+
+Large data stays on disk: the upload is a spool file (read by the scanner, removed once scanned)
+and so is the decoded PCM (read window by window, removed when the alignment ends, whatever way),
+so this process holds at most the windows in flight (serve_app.pipeline.windows: two at a time).
+
+Failure policy: every refusal is a Problem with today's types. The decoded audio seconds are
+charged once, after every check on the input passed, and refunded when the alignment then fails on
+our side (a 5xx: aligner down, backend failure); a 4xx after charging (a window that finds no
+speech for its text) keeps the charge, as the work was done. A backend failure reason we do not
+know is a 500, never a 422 blamed on the input. Nothing is half-done: a refused request leaves no
+spool file and no charge.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from deployments.backends.base import SAMPLE_RATE, AlignmentFailed, AlignmentJob, BackendFailed, BackendInfo, JobOutcome, UnitTiming
+from serve_app import metrics
+from serve_app.media import DecodedAudio
+from serve_app.media.decode import read_samples
+from serve_app.media.inspect import Rejection, ScanUnavailable, Verdict
+from serve_app.media.spool import Spool, SpooledFile
+from serve_app.pipeline.windows import Window, WindowSettings, align_windowed
+from serve_app.problems import PROBLEM_TYPES, Problem, unavailable
+from serve_app.text.timing import Span, WordTiming, word_timings
+from serve_app.text.transcript import Transcript, TranscriptRejected, check_plausible
+
+logger = logging.getLogger("ray.serve")
+
+MIN_AUDIO_SECONDS = 0.1  # shorter holds no alignable word (Qwen3's time grid is 80 ms)
+
+Scan = Callable[[SpooledFile, float], Awaitable[Verdict]]
+"""Scan and decode an upload, admitting at most that many decoded seconds."""
+Align = Callable[[AlignmentJob], Awaitable[JobOutcome]]
+
+
+class Ledger(Protocol):
+    """The caller's side of one request: quota and audit (serve_app.api.gate.CallerLedger)."""
+
+    async def charge_audio(self, seconds: float) -> None:
+        """Take decoded seconds from the caller's quota; raises a 429/503 Problem when refused."""
+
+    async def refund_audio(self, seconds: float) -> None:
+        """Give back seconds charged for work that failed on our side (best effort)."""
+
+    async def upload_refused(self, reason: str, signature: str | None) -> None:
+        """Audit a refused upload (and count it toward a ban when hostile)."""
+
+    def scan_recorded(self, outcome: str, reason: str, **fields: object) -> None:
+        """Audit the scanner's verdict."""
+
+
+@dataclass(frozen=True)
+class AlignmentRequest:
+    upload: SpooledFile  # the pipeline removes it once scanned
+    upload_content_type: str | None  # declared by the client: audited, never trusted
+    transcript: Transcript
+    max_audio_seconds: float  # the longest decoded audio this route and plan admit
+
+
+@dataclass(frozen=True)
+class Alignment:
+    words: list[WordTiming]
+    duration: float  # decoded audio seconds
+    windows: int  # aligner jobs it took
+
+
+def alignment_problem(outcome: JobOutcome, retry_after_s: int) -> Problem | None:
+    """The answer to a job the aligner did not align, None for timings.
+
+    A backend failure is ours, not the input's: 503 when a retry may succeed (out of memory), else
+    500; never the 422 of an input that cannot be aligned. An unknown reason is a backend bug.
+    """
+    if isinstance(outcome, BackendFailed):
+        if outcome.transient:
+            return unavailable("the aligner is short of memory; retry later", retry_after_s)
+        return Problem("internal-error", "the aligner failed on this request")
+    if isinstance(outcome, AlignmentFailed):
+        problem = PROBLEM_TYPES.get(outcome.reason)
+        if problem is None or problem.status != 422:
+            logger.error("the aligner answered an unknown failure reason")
+            return Problem("internal-error", "the aligner failed on this request")
+        return Problem(outcome.reason, outcome.detail)
+    return None
+
+
+class AlignmentPipeline:
+    def __init__(self, scan: Scan, align: Align, spool: Spool, backend: BackendInfo, retry_after_s: int) -> None:
+        self._scan = scan
+        self._align = align
+        self._spool = spool
+        self._backend = backend
+        self._windows = WindowSettings.for_backend(backend.max_audio_seconds)
+        self._retry_after_s = retry_after_s
+
+    async def run(self, request: AlignmentRequest, ledger: Ledger) -> Alignment:
+        try:
+            audio = await self._scanned(request, ledger)
+        finally:
+            self._spool.remove(request.upload)  # decoded or refused, the upload is no longer needed
+        try:
+            self._check(audio, request)
+            # Charged only once the request will be worked on, and given back when that work fails
+            # on our side (a 5xx): a caller pays for alignments, not for refusals or our outages.
+            await ledger.charge_audio(audio.duration_seconds)
+            try:
+                spans, windows = await self._aligned(audio, request.transcript)
+            except Exception as failure:
+                if not isinstance(failure, Problem) or failure.type.status >= 500:
+                    await ledger.refund_audio(audio.duration_seconds)
+                raise
+        finally:
+            self._spool.remove(audio.pcm_path)
+        metrics.AUDIO_SECONDS.inc(audio.duration_seconds, tags={"backend": self._backend.name})
+        words = word_timings(request.transcript, spans, audio.duration_seconds)
+        return Alignment(words=words, duration=audio.duration_seconds, windows=windows)
+
+    async def _scanned(self, request: AlignmentRequest, ledger: Ledger) -> DecodedAudio:
+        with metrics.timed("scan"):
+            verdict = await self._scan(request.upload, request.max_audio_seconds)
+        if isinstance(verdict, ScanUnavailable):
+            metrics.DEPENDENCY_ERRORS.inc(tags={"dependency": "clamd", "use": "scan"})
+            ledger.scan_recorded("unavailable", verdict.reason)
+            raise unavailable("the malware scanner is unavailable; retry later", self._retry_after_s)
+        if isinstance(verdict, Rejection):
+            await ledger.upload_refused(verdict.reason, verdict.signature)
+            raise Problem(verdict.reason, verdict.detail)
+        ledger.scan_recorded(
+            "allowed", "clean",
+            upload_bytes=request.upload.size, decoded_seconds=round(verdict.duration_seconds, 3), container=verdict.container,
+            declared_type=request.upload_content_type,
+        )  # fmt: skip
+        return verdict
+
+    @staticmethod
+    def _check(audio: DecodedAudio, request: AlignmentRequest) -> None:
+        if audio.duration_seconds < MIN_AUDIO_SECONDS:
+            raise Problem("audio-too-short", f"the audio lasts {audio.duration_seconds:.3f} s; at least {MIN_AUDIO_SECONDS} s is needed")
+        if audio.duration_seconds > request.max_audio_seconds:
+            raise Problem(
+                "audio-too-long", f"the audio lasts {audio.duration_seconds:.1f} s; at most {request.max_audio_seconds:g} s is admitted here"
+            )
+        try:
+            check_plausible(request.transcript, audio.duration_seconds)
+        except TranscriptRejected as rejected:
+            raise Problem(rejected.reason, rejected.detail) from None
+
+    async def _aligned(self, audio: DecodedAudio, transcript: Transcript) -> tuple[list[Span | None], int]:
+        """A span per unit, and how many aligner jobs it took."""
+        units = transcript.units
+        windowed = audio.duration_seconds > self._windows.max_window_s
+        jobs = 0
+
+        async def align_window(window: Window) -> Sequence[UnitTiming]:
+            nonlocal jobs
+            jobs += 1
+            first, stop = round(window.start * SAMPLE_RATE), round(window.end * SAMPLE_RATE)
+            job = AlignmentJob(read_samples(audio.pcm_path, first, stop), tuple(units[window.first_unit : window.stop_unit]), transcript.language)
+            with metrics.timed("align"):
+                outcome = await self._align(job)
+            problem = alignment_problem(outcome, self._retry_after_s)
+            if problem is not None:
+                if windowed and problem.type.slug == "no-alignment-found":
+                    raise Problem(
+                        "transcript-audio-mismatch",
+                        f"the transcript's words {window.first_unit + 1}-{window.stop_unit} could not be aligned"
+                        f" to the audio between {window.start:.1f} s and {window.end:.1f} s",
+                    )
+                raise problem
+            return [UnitTiming(timing.text, timing.start + window.start, timing.end + window.start) for timing in outcome]
+
+        spans = await align_windowed(units, audio.duration_seconds, audio.envelope, self._windows, align_window)
+        return spans, jobs

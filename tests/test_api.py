@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import soundfile
 
+from serve_app.settings import IngressOptions
 from tests.conftest import EVAL_DIR, TEST_MAX_UPLOAD_BYTES
 from tests.support.audio import encode, silence_flac, tone
 
@@ -231,7 +232,7 @@ def test_decoded_duration_cap(client):
         ("", "invalid-transcript"),
         ("— …", "invalid-transcript"),
         ("hello \u202eworld", "invalid-transcript"),
-        ("x" * 20_001, "transcript-too-long"),
+        ("x" * (IngressOptions().max_transcript_chars + 1), "transcript-too-long"),
         ("word " * 200_000, "transcript-too-long"),  # 1 MB: refused while the field streams
     ],
     ids=["empty", "punctuation-only", "bidi-override", "over-char-cap", "one-megabyte"],

@@ -15,7 +15,7 @@ import pytest
 from deployments.aligner import Aligner, BackendUnhealthy
 from deployments.backends.base import SAMPLE_RATE, AlignmentFailed, AlignmentJob, BackendFailed, UnitTiming
 from deployments.backends.pocketsphinx import PocketSphinxBackend
-from deployments.ingress import alignment_problem
+from serve_app.pipeline.alignment import alignment_problem
 from serve_app.settings import AlignerOptions, GraphArgs
 
 POISON = "explode"  # a unit this test backend fails on, as a bug triggered by one input would

@@ -127,7 +127,8 @@ def test_requests_refused_after_the_scan_charge_no_audio_seconds(serve_url, redi
         assert "audio-seconds" not in _policies(implausible.headers["ratelimit"])
         # Longer than the plan admits: refused as too long, not as over quota (it never fits).
         too_long = post_align(caller, tone_wav(12.0), "hello")
-        assert "plan admits at most 10 s" in assert_problem(too_long, 422, "audio-too-long")["detail"]
+        # The scanner stops decoding at the plan's limit: the detail names the limit that applied.
+        assert "10 s limit" in assert_problem(too_long, 422, "audio-too-long")["detail"]
         served = post_align(caller, eval_clip(utterance), utterance["transcript"])
     assert served.status_code == 200, served.text
     assert _policies(served.headers["ratelimit"])["audio-seconds"]["r"] == int(bucket - utterance["duration"])

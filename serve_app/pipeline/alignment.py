@@ -8,6 +8,10 @@ pipeline needs from the outside is passed in:
 - `Ledger`: the caller's account and audit trail (serve_app.api.gate binds one to a caller).
 Both calls answer 503 problems themselves when the deployment is down, saturated or slow.
 
+Rendering (JSON, SRT, WebVTT, TextGrid: serve_app.text.formats) stays at the front door: the
+pipeline's result is the words, which a job will store once and render in whatever format it is
+fetched in.
+
 Large data stays on disk: the upload is a spool file (read by the scanner, removed once scanned)
 and so is the decoded PCM (read window by window, removed when the alignment ends, whatever way),
 so this process holds at most the windows in flight (serve_app.pipeline.windows: two at a time).
@@ -117,7 +121,8 @@ class AlignmentPipeline:
             # on our side (a 5xx): a caller pays for alignments, not for refusals or our outages.
             await ledger.charge_audio(audio.duration_seconds)
             try:
-                spans, windows = await self._aligned(audio, request.transcript)
+                with metrics.timed("align"):  # the whole alignment, however many jobs it took
+                    spans, windows = await self._aligned(audio, request.transcript)
             except Exception as failure:
                 if not isinstance(failure, Problem) or failure.type.status >= 500:
                     await ledger.refund_audio(audio.duration_seconds)
@@ -169,8 +174,7 @@ class AlignmentPipeline:
             jobs += 1
             first, stop = round(window.start * SAMPLE_RATE), round(window.end * SAMPLE_RATE)
             job = AlignmentJob(read_samples(audio.pcm_path, first, stop), tuple(units[window.first_unit : window.stop_unit]), transcript.language)
-            with metrics.timed("align"):
-                outcome = await self._align(job)
+            outcome = await self._align(job)
             problem = alignment_problem(outcome, self._retry_after_s)
             if problem is not None:
                 if windowed and problem.type.slug == "no-alignment-found":

@@ -20,12 +20,13 @@ found in two passes:
    The passes cannot start elsewhere than at a known boundary: measured on PocketSphinx, a window
    whose text starts a few words early or late is wrong throughout (docs/benchmarks.md), so the
    file is walked from its start, never from estimated midpoints or from its end.
-2. **Refine** (every segment at once). The file is cut at its pauses (quiet for `min_pause_s` or
+2. **Refine** (segment by segment, following the walk). The file is cut at its pauses (quiet for `min_pause_s` or
    more, no located unit across the cut) and each segment is aligned again with exactly the units
    located in it: short, exact jobs, which is where forced aligners are most accurate (in long
-   windows PocketSphinx lets an utterance's first word absorb the pause before it). The segment
-   jobs run concurrently, so several aligner replicas, and their batches, share one long file. A
-   segment that cannot be aligned keeps its located times; a segment longer than one job too.
+   windows PocketSphinx lets an utterance's first word absorb the pause before it). A segment is
+   aligned as soon as the walk has settled past it, concurrently with the walk and with the other
+   segments: several aligner replicas, and their batches, share one long file. A segment that
+   cannot be aligned keeps its located times; a segment longer than one job too.
 
 A stretch with no speech (a long silence) leaves a window with nothing to settle: the walk skips
 to just before the first speech in it, or, when there is none to skip to, the transcript does not
@@ -108,8 +109,14 @@ async def align_windowed(
     if duration <= settings.max_window_s:
         return await _align_span(Window(0.0, duration, 0, len(units)), units, align)
     loudness = _Loudness(envelope)
-    located = await _Walk(units, duration, loudness, settings, align).run()
-    return await _refine(units, located, duration, loudness, settings, align)
+    walk = _Walk(units, duration, loudness, settings, align)
+    refiner = _Refiner(units, walk.spans, duration, loudness, settings, align)
+    try:
+        await walk.run(refiner.settled)
+        refiner.settled(duration, len(units), final=True)
+        return await refiner.result()
+    finally:
+        refiner.cancel()  # a failed walk or segment ends the request: no job is left running for it
 
 
 async def _align_span(window: Window, units: Sequence[str], align: AlignWindow) -> list[Span | None]:
@@ -197,13 +204,14 @@ class _Walk:
         self._loudness = loudness
         self._settings = settings
         self._align = align
-        self._spans: list[Span | None] = [None] * len(units)
+        self.spans: list[Span | None] = [None] * len(units)  # filled in as the walk settles them
         self._frontier_time = 0.0  # everything before it is settled
         self._frontier_unit = 0  # units before it are settled
         # Units per second of speech over the whole file: pauses vary far more than speaking rate.
         self._rate = len(units) / max(loudness.speech_seconds(0.0, duration), 1e-3)
 
-    async def run(self) -> list[Span | None]:
+    async def run(self, settled: Callable[[float, int], None]) -> None:
+        """Walk to the end of the file, telling `settled` the frontier after each step."""
         while self._frontier_unit < len(self._units):
             if self._duration - self._frontier_time <= self._settings.max_window_s:
                 last = Window(self._frontier_time, self._duration, self._frontier_unit, len(self._units))
@@ -211,10 +219,10 @@ class _Walk:
                 silent = sum(1 for span in spans if span is None or not self._loudness.has_speech(*span))
                 if silent > len(spans) * _MAX_SILENT_SHARE:  # the text left was placed on silence
                     raise _mismatch(last)
-                self._spans[last.first_unit :] = spans
+                self.spans[last.first_unit :] = spans
                 break
             await self._step()
-        return self._spans
+            settled(self._frontier_time, self._frontier_unit)
 
     async def _step(self) -> None:
         settings = self._settings
@@ -242,7 +250,7 @@ class _Walk:
             return
         last_end = spans[settled - 1][1]
         following = next((span[0] for span in spans[settled:] if span is not None), end)
-        self._spans[first : first + settled] = spans[:settled]
+        self.spans[first : first + settled] = spans[:settled]
         self._frontier_time = self._frontier(last_end, following)
         self._frontier_unit = first + settled
 
@@ -276,63 +284,93 @@ class _Walk:
         self._frontier_time = self._loudness.quietest(skip_to - _SILENCE_SKIP_MARGIN_S, skip_to)
 
 
-async def _refine(
-    units: Sequence[str],
-    located: list[Span | None],
-    duration: float,
-    loudness: _Loudness,
-    settings: WindowSettings,
-    align: AlignWindow,
-) -> list[Span | None]:
-    """Align every pause-delimited segment again with exactly its located units, concurrently."""
-    # Judged on their speech only: a located unit that absorbed the pause before it must not keep
-    # two utterances in one segment (where it would absorb the pause again).
-    speech = [None if span is None else loudness.trimmed(span) for span in located]
-    segments = _segments(speech, duration, loudness.pause_midpoints(settings.min_pause_s), settings.max_window_s)
-    refined = list(located)
-    slots = asyncio.Semaphore(_REFINE_CONCURRENCY)
+class _Refiner:
+    """The refining pass, following the walk: each segment behind the walk's frontier is final, so
+    it is aligned again while the walk goes on (on another replica, when there is one)."""
 
-    async def refine(segment: Window) -> None:
-        async with slots:
+    def __init__(
+        self,
+        units: Sequence[str],
+        located: list[Span | None],
+        duration: float,
+        loudness: _Loudness,
+        settings: WindowSettings,
+        align: AlignWindow,
+    ) -> None:
+        self._units = units
+        self._located = located  # the walk's spans, filled in as it settles them
+        self._duration = duration
+        self._loudness = loudness
+        self._settings = settings
+        self._align = align
+        self._pauses = loudness.pause_midpoints(settings.min_pause_s)
+        self._refined: list[Span | None] = [None] * len(units)
+        self._slots = asyncio.Semaphore(_REFINE_CONCURRENCY)
+        self._tasks: list[asyncio.Task] = []
+        self._done_time = 0.0  # segments before this time (and before _done_unit) are launched
+        self._done_unit = 0
+
+    def settled(self, frontier_time: float, frontier_unit: int, final: bool = False) -> None:
+        """The walk settled everything before (frontier_time, frontier_unit): launch its complete segments."""
+        first, stop = self._done_unit, frontier_unit
+        self._refined[first:stop] = self._located[first:stop]  # kept where a segment is not refined
+        # Judged on their speech only: a located unit that absorbed the pause before it must not
+        # keep two utterances in one segment (where it would absorb the pause again).
+        speech = [None if span is None else self._loudness.trimmed(span) for span in self._located[first:stop]]
+        end = self._duration if final else frontier_time
+        low, high = bisect.bisect_right(self._pauses, self._done_time), bisect.bisect_left(self._pauses, end)
+        segments = _segments(speech, self._done_time, end, self._pauses[low:high], first)
+        if not final and segments:
+            last = segments.pop()  # it may go on past the frontier: launched after the next step
+            self._done_time, self._done_unit = last.start, last.first_unit
+        for segment in segments:
+            if segment.end - segment.start <= self._settings.max_window_s:  # longer: keeps its located times
+                self._tasks.append(asyncio.ensure_future(self._refine(segment)))
+
+    async def _refine(self, segment: Window) -> None:
+        async with self._slots:
             try:
-                refined[segment.first_unit : segment.stop_unit] = await _align_span(segment, units, align)
+                spans = await _align_span(segment, self._units, self._align)
             except Problem as failed:
                 if failed.type.status != 422:
                     raise  # our failure (5xx): the request fails, as any job's would
-                # The input's: this segment keeps the times the locating pass found.
+                return  # the input's: this segment keeps the times the walk located
+            self._refined[segment.first_unit : segment.stop_unit] = spans
 
-    await asyncio.gather(*(refine(segment) for segment in segments))
-    return refined
+    async def result(self) -> list[Span | None]:
+        await asyncio.gather(*self._tasks)
+        return self._refined
+
+    def cancel(self) -> None:
+        for task in self._tasks:
+            task.cancel()
 
 
-def _segments(located: list[Span | None], duration: float, pauses: list[float], max_window_s: float) -> list[Window]:
-    """Jobs of the refining pass: pause-delimited stretches with the units located in them.
+def _segments(speech: list[Span | None], start: float, end: float, pauses: list[float], unit_offset: int) -> list[Window]:
+    """Pause-delimited stretches of [start, end] with the units (from `unit_offset`) whose speech is in them.
 
-    `located` are the units' spans of speech. A cut inside one is dropped (no unit is split), a unit goes to the stretch holding
-    its middle (never to one before its predecessor's), and a stretch longer than one job is left
-    out (its units keep their located times).
+    `speech` are the units' spans of speech. A cut inside one is dropped (no unit is split), and a
+    unit goes to the stretch holding its middle (never to one before its predecessor's).
     """
-    timed = [(index, span) for index, span in enumerate(located) if span is not None]
-    starts = [span[0] for _, span in timed]
-    cuts = [0.0]
+    timed = [span for span in speech if span is not None]
+    starts = [span[0] for span in timed]
+    cuts = [start]
     for pause in pauses:
         before = bisect.bisect_right(starts, pause) - 1
-        if pause > cuts[-1] and (before < 0 or timed[before][1][1] <= pause):
+        if cuts[-1] < pause < end and (before < 0 or timed[before][1] <= pause):
             cuts.append(pause)
-    cuts.append(duration)
-    segment_of = [0] * len(located)
+    cuts.append(end)
+    segment_of = []
     current = 0
-    for index, span in enumerate(located):
+    for span in speech:
         if span is not None:
-            current = max(current, bisect.bisect_right(cuts, (span[0] + span[1]) / 2) - 1)
-        segment_of[index] = min(current, len(cuts) - 2)
+            current = max(current, min(bisect.bisect_right(cuts, (span[0] + span[1]) / 2) - 1, len(cuts) - 2))
+        segment_of.append(current)
     windows = []
     first = 0
-    for index in range(1, len(located) + 1):
-        if index == len(located) or segment_of[index] != segment_of[first]:
+    for index in range(1, len(speech) + 1):
+        if index == len(speech) or segment_of[index] != segment_of[first]:
             segment = segment_of[first]
-            start, end = cuts[segment], cuts[segment + 1]
-            if end - start <= max_window_s:
-                windows.append(Window(start, end, first, index))
+            windows.append(Window(cuts[segment], cuts[segment + 1], unit_offset + first, unit_offset + index))
             first = index
     return windows

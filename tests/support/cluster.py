@@ -84,14 +84,19 @@ def deployment_of(app: dict, name: str) -> dict:
     return next(deployment for deployment in app["deployments"] if deployment["name"] == name)
 
 
-def start_serve(applications: list[dict], timeout_s: float = 240) -> str:
-    """Start Serve on a free loopback port, deploy `applications`, wait until all run; return the URL."""
+def start_serve(applications: list[dict], timeout_s: float = 240, request_timeout_s: float | None = None) -> str:
+    """Start Serve on a free loopback port, deploy `applications`, wait until all run; return the URL.
+
+    `request_timeout_s` replaces the YAML's (benchmarks of hours of audio through POST /v1/align).
+    """
     from ray import serve
     from ray.serve.context import _get_global_client
     from ray.serve.schema import ServeDeploySchema
 
     port = free_port()
     http_options = yaml.safe_load(SERVE_YAML.read_text())["http_options"]
+    if request_timeout_s is not None:
+        http_options["request_timeout_s"] = request_timeout_s
     serve.start(http_options={**http_options, "port": port})
     schema = ServeDeploySchema(applications=applications)
     _get_global_client().deploy_apps(schema, _blocking=False)

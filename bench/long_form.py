@@ -62,6 +62,7 @@ def _long_form_app(name: str, aligner_replicas: int) -> dict:
         ingress["user_config"].update(
             max_upload_bytes=2 * 1024**3, max_audio_seconds=36_000, max_transcript_chars=700_000, max_transcript_units=150_000
         )
+        ingress["user_config"]["plans"]["standard"] = {"max_audio_seconds": 1800}  # its bucket holds no more
         deployment_of(app, "Scanner")["autoscaling_config"].update(min_replicas=1, max_replicas=1)
         deployment_of(app, "Aligner")["autoscaling_config"].update(min_replicas=aligner_replicas, max_replicas=aligner_replicas)
 

@@ -12,7 +12,9 @@ many (the first K words of the next window appended) or K too few (the window's 
 out). Errors are grouped by the word's place counted back from the last of the window's words that
 the text holds; a word has "moved" when its timing is more than 20 ms from where the exact text put
 it, and the deepest moved word says how much of the text's tail is not to be trusted. A window whose
-alignment fails outright counts as failed and is left out of the errors.
+alignment fails outright counts as failed and is left out of the errors. The same windows are also
+aligned with a text that starts K words late or early: whether a window can start anywhere but at a
+known boundary.
 
     .venv/bin/python -m bench.window_cost [--lengths 20 40 ...] [--windows 5] [--span-lengths 60 120]
 
@@ -212,6 +214,34 @@ def tail_errors(backend, path: Path, plan, recording, length: float, count: int,
         )
 
 
+def head_errors(backend, path: Path, plan, recording, length: float, count: int, ks: Sequence[int]) -> None:
+    """Windows whose text starts K words late (their first K words left out) or K words early (the
+    previous window's last K words put first): what such a start does to the rest of the window."""
+    windows = windows_of(plan, recording, length, count)
+    audio = {window: read_window(path, window) for window in windows}
+    print(f"\n### Text start off by K words, windows of {statistics.mean(w.duration for w in windows):.1f} s\n")
+    print(f"Moved: more than {MOVED_MS} ms from where the exact text put the word; counted over the window's own words aligned.\n")
+    print("| text | mean error of the window's words | moved words | failed windows |")
+    print("|---|---|---|---|")
+    exact = {window: align_timed(backend, audio[window], [word.word for word in window.words]).answer for window in windows}
+    for label, k in [(f"starts {k} words late", k) for k in ks] + [(f"starts {k} words early", -k) for k in ks]:
+        pairs, moved, total, failed = [], 0, 0, 0
+        for index, window in enumerate(windows[1:] if k < 0 else windows, start=1 if k < 0 else 0):
+            own = list(window.words[k:] if k > 0 else window.words)
+            extra = [word.word for word in windows[index - 1].words[k:]] if k < 0 else []
+            answer = align_timed(backend, audio[window], extra + [word.word for word in own]).answer
+            if not isinstance(answer, list) or not isinstance(exact[window], list):
+                failed += 1
+                continue
+            got = answer[len(extra) :]
+            pairs.append((own, got))
+            reference = exact[window][k:] if k > 0 else exact[window]
+            moved += sum(_moved(before, after) for before, after in zip(reference, got))
+            total += len(own)
+        report = score_alignments(pairs)
+        print(f"| {label} | {report.mean_ms:.0f} ms | {moved} of {total} | {failed} of {len(windows)} |", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--lengths", type=float, nargs="*", default=[20, 40, 60, 90, 120, 180, 300])
@@ -238,6 +268,7 @@ def main() -> None:
         if args.lengths:
             cost_by_length(backend, path, plan, recording, args.lengths, args.windows)
         for length in args.span_lengths:
+            head_errors(backend, path, plan, recording, length, args.windows, args.extra)
             tail_errors(backend, path, plan, recording, length, args.windows, args.extra)
 
 

@@ -56,6 +56,7 @@ _SMOOTHING_FRAMES = 5  # loudness is judged on a 50 ms moving average
 _SMOOTHING_S = _SMOOTHING_FRAMES * 0.01  # how far a word's loudness reaches past its end in that average
 _CUT_SEARCH_SHARE = 0.15  # a window ends at the quietest point of its last 15 %
 _LONGEST_TRUSTED_PAUSE_S = 2.5  # a longer pause before an unsettled unit is not believed
+_LONGEST_QUIET_WORD_S = 0.3  # a unit this short may hold no frame at the speech level ("her", "a")
 _SILENCE_SKIP_MARGIN_S = 1.0  # a skip over non-speech stops this short of the speech found
 _FEWER_UNITS_RETRIES = 2  # a window the aligner finds no path for is retried with half the units
 _MAX_SILENT_SHARE = 0.5  # the last window is refused when more of its units than this hold no speech
@@ -260,18 +261,23 @@ class _Walk:
         for index, span in enumerate(candidates):
             if span is None:
                 continue
-            if span[1] > end - self._settings.guard_s or not self._loudness.has_speech(*span):
+            if span[1] > end - self._settings.guard_s or self._placed_on_silence(span):
                 break
             settled = index + 1
         return settled
 
+    def _placed_on_silence(self, span: Span) -> bool:
+        """A unit longer than a short function word with no speech in it: an artefact of wrong text."""
+        return span[1] - span[0] > _LONGEST_QUIET_WORD_S and not self._loudness.has_speech(*span)
+
     def _frontier(self, last_end: float, following: float) -> float:
-        """Where the next window starts: the quietest point before the next unit, when its time looks real.
+        """Where the next window starts: in the pause before the next unit, if there is one; else at the last end.
 
         The next unit's time is unsettled: a start far beyond the last settled end is an artefact
-        (squeezed or stretched text), and searching up to it could cut inside that very unit.
+        (squeezed or stretched text), and searching up to it could cut inside that very unit; so
+        could searching a gap too short to be a pause (a quiet short word may sit in it).
         """
-        if last_end <= following <= last_end + _LONGEST_TRUSTED_PAUSE_S:
+        if last_end + self._settings.min_pause_s <= following <= last_end + _LONGEST_TRUSTED_PAUSE_S:
             return self._loudness.quietest(last_end, following)
         return last_end
 

@@ -14,7 +14,8 @@ fetched in.
 
 Large data stays on disk: the upload is a spool file (read by the scanner, removed once scanned)
 and so is the decoded PCM (read window by window, removed when the alignment ends, whatever way),
-so this process holds at most the windows in flight (serve_app.pipeline.windows: two at a time).
+so this process holds at most the windows in flight (serve_app.pipeline.windows: the walk's window
+and a few refining segments).
 
 Failure policy: every refusal is a Problem with today's types. The decoded audio seconds are
 charged once, after every check on the input passed, and refunded when the alignment then fails on
@@ -37,7 +38,7 @@ from serve_app.media import DecodedAudio
 from serve_app.media.decode import read_samples
 from serve_app.media.inspect import Rejection, ScanUnavailable, Verdict
 from serve_app.media.spool import Spool, SpooledFile
-from serve_app.pipeline.windows import Window, WindowSettings, align_windowed
+from serve_app.pipeline.windows import Window, WindowSettings, align_windowed, mismatch
 from serve_app.problems import PROBLEM_TYPES, Problem, unavailable
 from serve_app.text.timing import Span, WordTiming, word_timings
 from serve_app.text.transcript import Transcript, TranscriptRejected, check_plausible
@@ -79,7 +80,6 @@ class AlignmentRequest:
 class Alignment:
     words: list[WordTiming]
     duration: float  # decoded audio seconds
-    windows: int  # aligner jobs it took
 
 
 def alignment_problem(outcome: JobOutcome, retry_after_s: int) -> Problem | None:
@@ -122,7 +122,7 @@ class AlignmentPipeline:
             await ledger.charge_audio(audio.duration_seconds)
             try:
                 with metrics.timed("align"):  # the whole alignment, however many jobs it took
-                    spans, windows = await self._aligned(audio, request.transcript)
+                    spans = await self._aligned(audio, request.transcript)
             except Exception as failure:
                 if not isinstance(failure, Problem) or failure.type.status >= 500:
                     await ledger.refund_audio(audio.duration_seconds)
@@ -131,7 +131,7 @@ class AlignmentPipeline:
             self._spool.remove(audio.pcm_path)
         metrics.AUDIO_SECONDS.inc(audio.duration_seconds, tags={"backend": self._backend.name})
         words = word_timings(request.transcript, spans, audio.duration_seconds)
-        return Alignment(words=words, duration=audio.duration_seconds, windows=windows)
+        return Alignment(words=words, duration=audio.duration_seconds)
 
     async def _scanned(self, request: AlignmentRequest, ledger: Ledger) -> DecodedAudio:
         with metrics.timed("scan"):
@@ -163,28 +163,20 @@ class AlignmentPipeline:
         except TranscriptRejected as rejected:
             raise Problem(rejected.reason, rejected.detail) from None
 
-    async def _aligned(self, audio: DecodedAudio, transcript: Transcript) -> tuple[list[Span | None], int]:
-        """A span per unit, and how many aligner jobs it took."""
+    async def _aligned(self, audio: DecodedAudio, transcript: Transcript) -> list[Span | None]:
+        """A span per unit."""
         units = transcript.units
         windowed = audio.duration_seconds > self._windows.max_window_s
-        jobs = 0
 
         async def align_window(window: Window) -> Sequence[UnitTiming]:
-            nonlocal jobs
-            jobs += 1
             first, stop = round(window.start * SAMPLE_RATE), round(window.end * SAMPLE_RATE)
             job = AlignmentJob(read_samples(audio.pcm_path, first, stop), tuple(units[window.first_unit : window.stop_unit]), transcript.language)
             outcome = await self._align(job)
             problem = alignment_problem(outcome, self._retry_after_s)
             if problem is not None:
                 if windowed and problem.type.slug == "no-alignment-found":
-                    raise Problem(
-                        "transcript-audio-mismatch",
-                        f"the transcript's words {window.first_unit + 1}-{window.stop_unit} could not be aligned"
-                        f" to the audio between {window.start:.1f} s and {window.end:.1f} s",
-                    )
+                    raise mismatch(window)
                 raise problem
             return [UnitTiming(timing.text, timing.start + window.start, timing.end + window.start) for timing in outcome]
 
-        spans = await align_windowed(units, audio.duration_seconds, audio.envelope, self._windows, align_window)
-        return spans, jobs
+        return await align_windowed(units, audio.duration_seconds, audio.envelope, self._windows, align_window)

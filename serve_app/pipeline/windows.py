@@ -48,12 +48,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from deployments.backends.base import SAMPLE_RATE
+from serve_app.media.decode import ENVELOPE_FRAME_SAMPLES
 from serve_app.problems import Problem
 from serve_app.text.timing import Span, UnitTiming, unit_spans
 
-ENVELOPE_FRAME_S = 0.01  # the scanner's envelope: RMS of each 10 ms frame
+ENVELOPE_FRAME_S = ENVELOPE_FRAME_SAMPLES / SAMPLE_RATE  # the scanner's envelope: RMS of each 10 ms frame
 _SMOOTHING_FRAMES = 5  # loudness is judged on a 50 ms moving average
-_SMOOTHING_S = _SMOOTHING_FRAMES * 0.01  # how far a word's loudness reaches past its end in that average
+_SMOOTHING_S = _SMOOTHING_FRAMES * ENVELOPE_FRAME_S  # how far a word's loudness reaches past its end in that average
 _CUT_SEARCH_SHARE = 0.15  # a window ends at the quietest point of its last 15 %
 _LONGEST_TRUSTED_PAUSE_S = 2.5  # a longer pause before an unsettled unit is not believed
 _LONGEST_QUIET_WORD_S = 0.3  # a unit this short may hold no frame at the speech level ("her", "a")
@@ -132,7 +134,8 @@ def _clamp(span: Span, window: Window) -> Span:
     return start, min(max(span[1], start), window.end)
 
 
-def _mismatch(window: Window) -> Problem:
+def mismatch(window: Window) -> Problem:
+    """The refusal of a window that finds no speech for its words."""
     return Problem(
         "transcript-audio-mismatch",
         f"no speech for the transcript's words {window.first_unit + 1}-{max(window.stop_unit, window.first_unit + 1)}"
@@ -173,19 +176,22 @@ class _Loudness:
         _, frames = self._frames(start, end)
         return float(np.count_nonzero(frames >= self._speech_level)) * ENVELOPE_FRAME_S
 
+    def _loud_frames(self, start: float, end: float) -> np.ndarray:
+        """Indices (in the whole envelope) of the frames in [start, end] at the speech level."""
+        first, frames = self._frames(start, end)
+        return first + np.flatnonzero(frames >= self._speech_level)
+
     def first_speech(self, start: float, end: float) -> float:
         """File time of the first speech in [start, end]; `end` when there is none."""
-        first, frames = self._frames(start, end)
-        loud = np.flatnonzero(frames >= self._speech_level)
-        return (first + int(loud[0])) * ENVELOPE_FRAME_S if loud.size else end
+        loud = self._loud_frames(start, end)
+        return int(loud[0]) * ENVELOPE_FRAME_S if loud.size else end
 
     def trimmed(self, span: Span) -> Span:
         """The span without its quiet start and end (a word that absorbed a pause); as is when all quiet."""
-        first, frames = self._frames(*span)
-        loud = np.flatnonzero(frames >= self._speech_level)
+        loud = self._loud_frames(*span)
         if not loud.size:
             return span
-        return max(span[0], (first + int(loud[0])) * ENVELOPE_FRAME_S), min(span[1], (first + int(loud[-1]) + 1) * ENVELOPE_FRAME_S)
+        return max(span[0], int(loud[0]) * ENVELOPE_FRAME_S), min(span[1], (int(loud[-1]) + 1) * ENVELOPE_FRAME_S)
 
     def pause_midpoints(self, min_pause_s: float) -> list[float]:
         """The middle of every quiet stretch of at least `min_pause_s`, in file time."""
@@ -219,7 +225,7 @@ class _Walk:
                 spans = await _align_span(last, self._units, self._align)
                 silent = sum(1 for span in spans if span is None or not self._loudness.has_speech(*span))
                 if silent > len(spans) * _MAX_SILENT_SHARE:  # the text left was placed on silence
-                    raise _mismatch(last)
+                    raise mismatch(last)
                 self.spans[last.first_unit :] = spans
                 break
             await self._step()
@@ -286,7 +292,7 @@ class _Walk:
         speech = self._loudness.first_speech(window.start + _SMOOTHING_S, window.end)
         skip_to = min(speech - _SILENCE_SKIP_MARGIN_S, window.end - self._settings.guard_s)
         if skip_to < window.start + _SILENCE_SKIP_MARGIN_S:
-            raise _mismatch(window)
+            raise mismatch(window)
         self._frontier_time = self._loudness.quietest(skip_to - _SILENCE_SKIP_MARGIN_S, skip_to)
 
 

@@ -28,10 +28,10 @@ import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 SpoolKind = Literal["upload", "pcm"]
-_KINDS: tuple[str, ...] = ("upload", "pcm")
+_KINDS: tuple[str, ...] = get_args(SpoolKind)
 _NAME_BYTES = 16  # 128 random bits: unguessable, never colliding in practice (O_EXCL catches it)
 
 
@@ -126,10 +126,11 @@ class Spool:
         Entries this spool did not name (no kind prefix) are left alone.
         """
         cutoff = time.time() - older_than_s
+        prefixes = tuple(f"{kind}-" for kind in _KINDS)
         removed = 0
         with os.scandir(self._directory) as entries:
             for entry in entries:
-                if not entry.name.startswith(tuple(f"{kind}-" for kind in _KINDS)):
+                if not entry.name.startswith(prefixes):
                     continue
                 try:
                     if entry.is_file(follow_symlinks=False) and entry.stat(follow_symlinks=False).st_mtime < cutoff:

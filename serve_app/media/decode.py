@@ -317,7 +317,7 @@ class _PcmWriter:
         if self._partial_frame.size:
             self._envelope += _rms(self._partial_frame.reshape(1, -1)).tobytes()
             self._partial_frame = self._partial_frame[:0]
-        return np.frombuffer(bytes(self._envelope), dtype=np.float32).copy()
+        return np.frombuffer(self._envelope, dtype=np.float32).copy()  # one copy, off the growing buffer
 
 
 def _rms(frames: np.ndarray) -> np.ndarray:

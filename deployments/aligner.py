@@ -23,6 +23,8 @@ import logging
 import os
 import time
 from collections import Counter
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import numpy as np
 from ray import serve
@@ -36,6 +38,35 @@ from serve_app.settings import AlignerOptions, GraphArgs
 logger = logging.getLogger("ray.serve")
 
 _PROBE_AUDIO_SECONDS = 1.0
+
+
+class BackendTurns:
+    """One batch at a time in the backend; a waiting request batch always goes before a background one.
+
+    Background work (job windows) thus delays a POST /v1/align batch by at most the one background
+    batch already running, never by a queue of them.
+    """
+
+    def __init__(self) -> None:
+        self._condition = asyncio.Condition()
+        self.busy = False
+        self._foreground_waiting = 0
+
+    @asynccontextmanager
+    async def hold(self, background: bool) -> AsyncIterator[None]:
+        async with self._condition:
+            self._foreground_waiting += 0 if background else 1
+            try:
+                await self._condition.wait_for(lambda: not self.busy and (not background or self._foreground_waiting == 0))
+            finally:
+                self._foreground_waiting -= 0 if background else 1
+            self.busy = True
+        try:
+            yield
+        finally:
+            async with self._condition:
+                self.busy = False
+                self._condition.notify_all()
 
 
 class BackendUnhealthy(RuntimeError):
@@ -57,7 +88,7 @@ class Aligner:
         quiet_probe_access_logs("load", "info")  # the ingress probes these every second or two
         self._backend = backend or load_backend(args)
         # Backends are not thread-safe (one decoder): batches and the health probe take turns.
-        self._backend_lock = asyncio.Lock()
+        self._backend_turns = BackendTurns()
         self._failure_streak = 0  # jobs in a row the backend failed on (BackendFailed)
         self._batch_sizes: Counter[int] = Counter()
         self._waiting_since: dict[object, float] = {}  # jobs waiting for a batch -> when they arrived
@@ -67,39 +98,49 @@ class Aligner:
     def reconfigure(self, user_config: dict) -> None:
         options = AlignerOptions.model_validate(user_config)
         self._unhealthy_after_failures = options.unhealthy_after_failures
-        self._align_batch.set_max_batch_size(options.max_batch_size)
-        self._align_batch.set_batch_wait_timeout_s(options.batch_wait_timeout_s)
+        for batch in (self._align_batch, self._align_background_batch):
+            batch.set_max_batch_size(options.max_batch_size)
+            batch.set_batch_wait_timeout_s(options.batch_wait_timeout_s)
         self._capacity = 2 * options.max_batch_size  # one batch running, one filling
 
     async def info(self) -> BackendInfo:
         return self._backend.info
 
-    async def align(self, job: AlignmentJob) -> JobOutcome:
+    async def align(self, job: AlignmentJob, background: bool = False) -> JobOutcome:
+        """`background`: an asynchronous job's window, batched apart and run only when no request's batch waits."""
         ticket = object()
         self._waiting_since[ticket] = time.monotonic()
         try:
-            return await self._align_batch((job, ticket))
+            batch = self._align_background_batch if background else self._align_batch
+            return await batch((job, ticket))
         finally:
             self._waiting_since.pop(ticket, None)  # normally gone already, when its batch started
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05)
     async def _align_batch(self, entries: list[tuple[AlignmentJob, object]]) -> list[JobOutcome]:
+        return await self._run_batch(entries, background=False)
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05)
+    async def _align_background_batch(self, entries: list[tuple[AlignmentJob, object]]) -> list[JobOutcome]:
+        return await self._run_batch(entries, background=True)
+
+    async def _run_batch(self, entries: list[tuple[AlignmentJob, object]], *, background: bool) -> list[JobOutcome]:
         for _, ticket in entries:
             self._waiting_since.pop(ticket, None)
         jobs = [job for job, _ in entries]
-        self._running = len(jobs)
+        self._running += len(jobs)
         try:
-            return await self._run(jobs)
+            return await self._run(jobs, background)
         finally:
-            self._running = 0
+            self._running -= len(jobs)
             self._free_since = time.monotonic()
 
-    async def _run(self, jobs: list[AlignmentJob]) -> list[JobOutcome]:
+    async def _run(self, jobs: list[AlignmentJob], background: bool = False) -> list[JobOutcome]:
         backend = self._backend.info.name
         self._batch_sizes[len(jobs)] += 1
         metrics.BATCH_SIZE.observe(len(jobs), tags={"backend": backend})
         started = time.perf_counter()
-        outcomes = await self._call_backend(jobs)
+        outcomes = await self._call_backend(jobs, background)
         metrics.INFERENCE_SECONDS.observe(time.perf_counter() - started, tags={"backend": backend})
         for outcome in outcomes:
             if isinstance(outcome, BackendFailed):
@@ -109,8 +150,8 @@ class Aligner:
                 self._failure_streak = 0
         return outcomes
 
-    async def _call_backend(self, jobs: list[AlignmentJob]) -> list[JobOutcome]:
-        async with self._backend_lock:
+    async def _call_backend(self, jobs: list[AlignmentJob], background: bool = False) -> list[JobOutcome]:
+        async with self._backend_turns.hold(background):
             try:
                 # Inference blocks (CPU or GPU): keep the replica's event loop free for the next batch.
                 outcomes = await asyncio.to_thread(self._backend.align_batch, jobs)
@@ -124,7 +165,7 @@ class Aligner:
 
     async def check_health(self) -> None:
         """Serve's health check. Free while the backend works; a probe inference after a failure streak."""
-        if self._failure_streak < self._unhealthy_after_failures or self._backend_lock.locked():
+        if self._failure_streak < self._unhealthy_after_failures or self._backend_turns.busy:
             return  # a running batch will update the streak itself; never queue the check behind it
         streak = self._failure_streak
         (outcome,) = await self._call_backend([self._probe_job()])

@@ -32,21 +32,24 @@ aligner_dependency_up gauges.
 # No `from __future__ import annotations`: FastAPI must resolve the handlers' annotations at runtime.
 
 import asyncio
+import dataclasses
+import hashlib
 import logging
+import re
 import time
 import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI, Request, Response
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import JSONResponse
 from ray import serve
-from ray.exceptions import RayError
-from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
 from deployments.backends.base import AlignmentJob, BackendInfo, JobOutcome
+from deployments.downstream import downstream
 from serve_app import metrics
-from serve_app.api import admin
-from serve_app.text import formats
+from serve_app.api import admin, jobs
 from serve_app.api.openapi_security import with_security_schemes
 from serve_app.api.dependencies import authorized
 from serve_app.text.formats import OutputFormat
@@ -59,22 +62,25 @@ from serve_app.api.models import (
     DependencyReport,
     DependencyStatus,
     Health,
+    JobOut,
     Readiness,
-    WordOut,
     problem_responses,
 )
+from serve_app.api.jobs import job_out, stored
 from serve_app.api.problems import install_problem_handlers
+from serve_app.api.render import render_alignment
 from serve_app.problems import Problem, unavailable
 from serve_app.api.upload import UploadLimits, read_align_form
 from serve_app.proxy_middleware import is_safe_request_id
 from serve_app.media.inspect import Verdict
 from serve_app.media.spool import Spool, SpooledFile
-from serve_app.pipeline.alignment import Alignment, AlignmentPipeline, AlignmentRequest
+from serve_app.jobs.store import AtCap, JobStore, NewJob, Replay, namespace_of, new_job_id
+from serve_app.pipeline.alignment import Alignment, AlignmentPipeline, AlignmentRequest, AudioAligner
 from serve_app.security.audit import AuditLog
 from serve_app.security.concurrency import ConcurrencyCapReached
 from serve_app.security.ratelimit_headers import rate_limit_headers
 from serve_app.security.shedding import LoadSample
-from serve_app.settings import Environment, IngressOptions
+from serve_app.settings import Environment, IngressOptions, LongFormLimits
 from serve_app.text.transcript import Transcript, TranscriptRejected, parse_transcript
 
 logger = logging.getLogger("ray.serve")
@@ -86,6 +92,10 @@ _DEPENDENCY_PROBE_TIMEOUT_S = 5.0  # a loaded 2-core box answers a scanner call 
 _DEPENDENCY_REPORT_MAX_AGE_S = 3 * (_DEPENDENCY_PROBE_INTERVAL_S + _DEPENDENCY_PROBE_TIMEOUT_S)
 _PUBLIC_PATHS = frozenset({"/v1/health", "/v1/ready"})
 _SPOOL_ORPHAN_AGE_S = 3600.0  # older spool files at start-up belong to requests that cannot still be running
+# An Idempotency-Key (draft-ietf-httpapi-idempotency-key-header): a client-chosen string, typically a
+# UUID; printable ASCII without spaces, so it cannot smuggle anything into a log line or a key.
+_IDEMPOTENCY_KEY = re.compile(r"^[!-~]{1,255}$")
+_IDEMPOTENCY_RESERVATION_S = 60.0  # plus the scan's own bound: a submission that died mid-scan frees its key
 
 
 def _count_probe_failure(error_type: str) -> None:
@@ -106,6 +116,7 @@ app = FastAPI(
 app.openapi = with_security_schemes(app, _PUBLIC_PATHS)
 install_problem_handlers(app)
 app.include_router(admin.router)
+app.include_router(jobs.router)
 
 
 @app.middleware("http")
@@ -140,14 +151,16 @@ def _status(failure: str | None) -> DependencyStatus:
 )
 @serve.ingress(app)
 class Ingress:
-    def __init__(self, scanner: DeploymentHandle, aligner: DeploymentHandle) -> None:
+    def __init__(self, scanner: DeploymentHandle, aligner: DeploymentHandle, job_runner: DeploymentHandle) -> None:
         metrics.label_with_replica()
         self._scanner = scanner
         self._aligner = aligner
+        self._job_runner = job_runner
         self._environment = Environment.from_env()
         self._audit = AuditLog.from_destination(self._environment.audit_log)
         self._spool = Spool(self._environment.spool_dir)
-        self._spool.sweep(_SPOOL_ORPHAN_AGE_S)
+        self._spool.sweep(_SPOOL_ORPHAN_AGE_S)  # not the jobs' directory: a queued job's audio may be older
+        self._job_spool = app.state.job_spool = Spool(self._environment.job_spool_dir)
         self._gate: Gate | None = None
         self._backend: BackendInfo | None = None  # fetched from the aligner once, then cached
         self._background: list[asyncio.Task] = []
@@ -158,6 +171,7 @@ class Ingress:
         self._options = IngressOptions.model_validate(user_config)
         if self._gate is None:
             self._gate = app.state.gate = Gate(self._environment, self._options, self._audit)
+            self._jobs = app.state.jobs = JobStore(self._gate.redis, namespace_of(serve.get_replica_context().app_name))
             self._background = [
                 asyncio.create_task(self._gate.shedder.run(self._probe_load, _count_probe_failure)),
                 asyncio.create_task(self._probe_dependencies()),
@@ -189,9 +203,45 @@ class Ingress:
     )
     async def align(self, request: Request, caller: Caller = Depends(authorized("align"))) -> Response:
         options = self._options  # one consistent snapshot for the whole request
+        async with self._request_slots(caller, options):
+            return await self._align_request(request, caller, options)
+
+    @app.post(
+        "/v1/jobs",
+        status_code=202,
+        response_model=JobOut,
+        summary="Submit an asynchronous alignment job (the long-form limits apply)",
+        openapi_extra={
+            "requestBody": ALIGN_REQUEST_BODY,
+            "parameters": [
+                {
+                    "name": "Idempotency-Key",
+                    "in": "header",
+                    "required": False,
+                    "schema": {"type": "string", "pattern": _IDEMPOTENCY_KEY.pattern},
+                    "description": "A retried submission with the same key and request returns the same job, charged once.",
+                }
+            ],
+        },
+        responses={
+            202: {"description": "Accepted: queued. `Location` is the job; poll it.", "headers": {"Location": {"schema": {"type": "string"}}}},
+            **problem_responses(400, 401, 403, 408, 409, 413, 415, 422, 429, 500, 503),
+        },
+    )
+    async def submit_job(self, request: Request, caller: Caller = Depends(authorized("align"))) -> Response:
+        options = self._options
+        key = request.headers.get("idempotency-key")
+        if key is not None and not _IDEMPOTENCY_KEY.match(key):
+            raise Problem("invalid-request", "Idempotency-Key must be 1-255 printable ASCII characters without spaces")
+        async with self._request_slots(caller, options):
+            return await self._submit_job(request, caller, options, key)
+
+    @asynccontextmanager
+    async def _request_slots(self, caller: Caller, options: IngressOptions) -> AsyncIterator[None]:
+        """One of the principal's concurrent requests, then one of this replica's."""
         try:
             async with self._gate.concurrency_slot(caller), self._gate.limiter.local_slot():
-                return await self._align_request(request, caller, options)
+                yield
         except ConcurrencyCapReached:
             raise Problem(
                 "temporary-reduced-capacity",
@@ -200,31 +250,127 @@ class Ingress:
             ) from None
 
     async def _align_request(self, request: Request, caller: Caller, options: IngressOptions) -> Response:
-        with metrics.timed("upload"):
-            form = await read_align_form(
-                request,
-                UploadLimits(
-                    max_body_bytes=options.max_upload_bytes,
-                    max_text_bytes=options.max_transcript_chars * 4,
-                    idle_timeout_s=options.upload_idle_timeout_s,
-                    min_bytes_per_s=options.upload_min_bytes_per_s,
-                    rate_grace_s=options.upload_rate_grace_s,
-                ),
-                self._spool,
-            )
+        form = await self._read_form(request, options, options.max_upload_bytes, options.max_transcript_chars)
         try:
-            transcript = self._parse_transcript(form, options)
-            backend = await self._backend_info(options)
-            if transcript.language not in backend.languages:
-                raise Problem("unsupported-language", f"the {backend.name} backend does not align {transcript.language}")
+            transcript = await self._checked_transcript(form, options, options.max_transcript_chars, options.max_transcript_units)
         except BaseException:
             self._spool.remove(form.audio)  # the pipeline owns the upload only once it runs
             raise
+        backend = await self._backend_info(options)
         alignment = await self._pipeline(backend, options).run(
             AlignmentRequest(form.audio, form.audio_content_type, transcript, self._gate.longest_audio_seconds(caller)),
             CallerLedger(self._gate, caller),
         )
         return self._render(form.format, request, transcript, alignment, backend)
+
+    async def _submit_job(self, request: Request, caller: Caller, options: IngressOptions, key: str | None) -> Response:
+        """POST /v1/jobs: the intake of POST /v1/align (scan, check, charge), then queue the rest.
+
+        The scan runs before the job exists, so a hostile or undecodable upload, or a quota that
+        cannot pay for it, is refused to the submitter (4xx/429), never a job that fails later;
+        and the decoded duration is what the job is charged, once, at submission.
+        """
+        limits: LongFormLimits = options.long_form
+        form = await self._read_form(request, options, limits.max_upload_bytes, limits.max_transcript_chars)
+        owner, plan = caller.principal_key, self._gate.plan_of(caller)
+        fingerprint = hashlib.sha256(
+            "\0".join((form.audio.sha256, hashlib.sha256(form.text.encode()).hexdigest(), form.language or "", form.format.value)).encode()
+        ).hexdigest()
+        reserved = False
+        try:
+            transcript = await self._checked_transcript(form, options, limits.max_transcript_chars, limits.max_transcript_units)
+            if key is not None:
+                ttl = _IDEMPOTENCY_RESERVATION_S + options.scan_timeout_for(form.audio.size)
+                replay = await stored(self._jobs.reserve_idempotency(owner, key, fingerprint, ttl), self._gate)
+                if replay is not None:
+                    self._spool.remove(form.audio)
+                    return await self._replayed(replay, caller)
+                reserved = True
+            if await stored(self._jobs.active_count(owner), self._gate) >= plan.max_active_jobs:
+                raise self._jobs_full(caller, plan.max_active_jobs, options)
+        except BaseException:
+            self._spool.remove(form.audio)
+            if reserved:
+                await self._release(owner, key, fingerprint)
+            raise
+        try:
+            backend = await self._backend_info(options)
+            pipeline = self._pipeline(backend, options)
+            audio = await pipeline.intake(
+                AlignmentRequest(form.audio, form.audio_content_type, transcript, options.longest_job_seconds(plan)),
+                CallerLedger(self._gate, caller),
+            )
+        except BaseException:
+            if reserved:
+                await self._release(owner, key, fingerprint)
+            raise
+        job = NewJob(
+            id=new_job_id(), owner=owner, principal_id=caller.principal.id, created_at=time.time(),
+            language=transcript.language, format=form.format.value, transcript=form.text, duration=audio.duration_seconds,
+            pcm_path="", envelope_path="", audio_bucket=(plan.audio_seconds_burst, plan.audio_seconds_per_hour / 3600),
+            retain_s=options.jobs.retention_s,
+        )  # fmt: skip
+        moved: str | None = None
+        envelope: SpooledFile | None = None
+        try:
+            moved = self._job_spool.move_in(audio.pcm_path)  # out of reach of the request spool's sweep
+            with self._job_spool.writer("envelope") as writer:
+                writer.write(audio.envelope.astype("<f4"))
+                envelope = writer.commit()
+            job = dataclasses.replace(job, pcm_path=moved, envelope_path=envelope.path)
+            created = await stored(self._jobs.submit(job, plan.max_active_jobs, (key, fingerprint) if key else None), self._gate)
+            if isinstance(created, AtCap):  # another submission took the last place meanwhile
+                raise self._jobs_full(caller, plan.max_active_jobs, options)
+        except BaseException:
+            self._spool.remove(audio.pcm_path) if moved is None else self._job_spool.remove(moved)
+            if envelope is not None:
+                self._job_spool.remove(envelope)
+            await self._gate.refund_audio(caller, audio.duration_seconds)
+            if reserved:
+                await self._release(owner, key, fingerprint)
+            raise
+        metrics.JOBS.inc(tags={"event": "submitted"})
+        self._gate.audit.record(caller.audit, "job", "submitted", "queued", job_id=job.id, decoded_seconds=round(job.duration, 3))
+        record = await stored(self._jobs.get(job.id, time.time()), self._gate)
+        return self._job_accepted(record, replayed=False)
+
+    async def _replayed(self, replay: Replay, caller: Caller) -> Response:
+        if replay.job_id is None:
+            raise Problem(
+                "idempotency-key-in-use",
+                "a submission with this Idempotency-Key is still being processed; retry when it has been answered",
+                headers={"Retry-After": str(self._options.retry_after_s)},
+            )
+        if not replay.same_request:
+            raise Problem("idempotency-key-reused", "this Idempotency-Key was used for a different request; use a new key")
+        record = await stored(self._jobs.get(replay.job_id, time.time()), self._gate)
+        if record is None:  # ended and expired: the key now means nothing
+            raise Problem("idempotency-key-reused", "the job this Idempotency-Key created has expired; use a new key")
+        self._gate.audit.record(caller.audit, "job", "replayed", "idempotency-key", job_id=record.id)
+        return self._job_accepted(record, replayed=True)
+
+    @staticmethod
+    def _job_accepted(record, *, replayed: bool) -> Response:
+        headers = {"Location": f"/v1/jobs/{record.id}"}
+        if replayed:
+            headers["Idempotent-Replayed"] = "true"
+        return JSONResponse(job_out(record).model_dump(mode="json"), status_code=202, headers=headers)
+
+    def _jobs_full(self, caller: Caller, limit: int, options: IngressOptions) -> Problem:
+        metrics.RATELIMIT_DECISIONS.inc(tags={"policy": "jobs", "result": "denied"})
+        self._gate.audit.record(caller.audit, "limit", "denied", "jobs", limit=limit)
+        return Problem(
+            "quota-exceeded",
+            f"{limit} jobs of this principal are already queued or running; retry when one has ended",
+            headers={"Retry-After": str(options.retry_after_s)},
+            extensions={"violated-policies": ["jobs"]},
+        )
+
+    async def _release(self, owner: str, key: str, fingerprint: str) -> None:
+        try:
+            await self._jobs.release_idempotency(owner, key, fingerprint)
+        except Exception as error:  # the reservation then lapses by its TTL
+            logger.warning("could not release an Idempotency-Key reservation: %s", type(error).__name__)
 
     @app.get("/v1/health", response_model=Health, summary="Liveness")
     async def health(self) -> Health:
@@ -239,7 +385,8 @@ class Ingress:
     async def ready(self) -> JSONResponse:
         report = self._fresh_dependencies()
         ready = report is not None and report.status == "ready"
-        body = Readiness(status="ready" if ready else "unavailable")
+        jobs_ready = report is not None and report.checks["jobs"].status == "ready"
+        body = Readiness(status="ready" if ready else "unavailable", jobs="ready" if jobs_ready else "unavailable")
         return JSONResponse(body.model_dump(), status_code=200 if ready else 503)
 
     @app.get(
@@ -262,17 +409,37 @@ class Ingress:
 
     # -- steps of the request path -------------------------------------------------------------
 
+    async def _read_form(self, request: Request, options: IngressOptions, max_body_bytes: int, max_transcript_chars: int) -> AlignForm:
+        with metrics.timed("upload"):
+            return await read_align_form(
+                request,
+                UploadLimits(
+                    max_body_bytes=max_body_bytes,
+                    max_text_bytes=max_transcript_chars * 4,
+                    idle_timeout_s=options.upload_idle_timeout_s,
+                    min_bytes_per_s=options.upload_min_bytes_per_s,
+                    rate_grace_s=options.upload_rate_grace_s,
+                ),
+                self._spool,
+            )
+
+    async def _checked_transcript(self, form: AlignForm, options: IngressOptions, max_chars: int, max_units: int) -> Transcript:
+        """The transcript, in a language the loaded backend aligns."""
+        transcript = self._parse_transcript(form, options, max_chars, max_units)
+        backend = await self._backend_info(options)
+        if transcript.language not in backend.languages:
+            raise Problem("unsupported-language", f"the {backend.name} backend does not align {transcript.language}")
+        return transcript
+
     @staticmethod
-    def _parse_transcript(form: AlignForm, options: IngressOptions) -> Transcript:
+    def _parse_transcript(form: AlignForm, options: IngressOptions, max_chars: int, max_units: int) -> Transcript:
         language = options.default_language
         if form.language:
             language = canonical_language(form.language)
             if language is None:
                 raise Problem("unsupported-language", "unsupported language; use a name or ISO code of one of the 11 supported languages")
         try:
-            return parse_transcript(
-                form.text, language, max_chars=options.max_transcript_chars, max_units=options.max_transcript_units
-            )
+            return parse_transcript(form.text, language, max_chars=max_chars, max_units=max_units)
         except TranscriptRejected as rejected:
             raise Problem(rejected.reason, rejected.detail) from None
 
@@ -291,41 +458,18 @@ class Ingress:
         async def align(job: AlignmentJob) -> JobOutcome:
             return await self._downstream(self._aligner.align.remote(job), "aligner", options.align_timeout_s, options)
 
-        return AlignmentPipeline(scan, align, self._spool, backend, options.retry_after_s)
+        return AlignmentPipeline(scan, AudioAligner(align, backend, options.retry_after_s), self._spool, options.retry_after_s)
 
     @staticmethod
     async def _downstream(response, name: str, timeout_s: float, options: IngressOptions):
-        """Await a downstream call; saturation, death and slowness all become 503 + Retry-After."""
-        try:
-            return await asyncio.wait_for(response, timeout_s)
-        except BackPressureError:
-            raise unavailable(f"the {name} is at capacity; retry later", options.retry_after_s) from None
-        except asyncio.TimeoutError:
-            response.cancel()
-            raise unavailable(f"the {name} did not answer in time; retry later", options.retry_after_s) from None
-        except RayError as error:
-            # The message of a remote error is a full traceback: log the type only.
-            logger.error("%s call failed: %s", name, type(error).__name__)
-            raise unavailable(f"the {name} failed; retry later", options.retry_after_s) from None
+        return await downstream(response, name, timeout_s, options.retry_after_s)
 
     @staticmethod
     def _render(output: OutputFormat, request: Request, transcript: Transcript, alignment: Alignment, backend: BackendInfo) -> Response:
-        words, duration = alignment.words, round(alignment.duration, 3)
-        if output is OutputFormat.srt:
-            return PlainTextResponse(formats.to_srt(words), media_type=formats.MEDIA_TYPES[output])
-        if output is OutputFormat.vtt:
-            return PlainTextResponse(formats.to_vtt(words), media_type=formats.MEDIA_TYPES[output])
-        if output is OutputFormat.textgrid:
-            return PlainTextResponse(formats.to_textgrid(words, duration), media_type=formats.MEDIA_TYPES[output])
-        body = AlignResponse(
-            id=request.state.request_id,
-            language=transcript.language,
-            duration=duration,
-            backend=backend.name,
-            model=backend.model,
-            words=[WordOut(text=word.text, start=word.start, end=word.end) for word in words],
-        )
-        return JSONResponse(body.model_dump())
+        return render_alignment(
+            output, id=request.state.request_id, language=transcript.language, duration=alignment.duration,
+            backend=backend.name, model=backend.model, words=alignment.words,
+        )  # fmt: skip
 
     # -- background: load and dependency health --------------------------------------------------
 
@@ -344,7 +488,7 @@ class Ingress:
             try:
                 self._dependencies = await self._check_dependencies()
                 self._dependencies_probed_at = time.monotonic()
-                for name, check in self._dependencies.checks.items():
+                for name, check in self._dependencies.checks.items():  # jobs included: aligner_dependency_up{dependency="jobs"}
                     if name != "clamd":  # the Scanner replicas export their own clamd gauge
                         metrics.DEPENDENCY_UP.set(1 if check.status == "ready" else 0, tags={"dependency": name})
             except Exception as error:  # a dead task would leave /v1/ready unavailable for good: log, go on
@@ -352,8 +496,12 @@ class Ingress:
             await asyncio.sleep(_DEPENDENCY_PROBE_INTERVAL_S)
 
     async def _check_dependencies(self) -> DependencyReport:
-        scanner, aligner, redis = await asyncio.gather(
-            self._probe(self._scanner.ready.remote()), self._probe(self._aligner.info.remote()), self._probe(self._gate.redis.ping())
+        scanner, aligner, redis, runner, queue = await asyncio.gather(
+            self._probe(self._scanner.ready.remote()),
+            self._probe(self._aligner.info.remote()),
+            self._probe(self._gate.redis.ping()),
+            self._probe(self._job_runner.status.remote()),
+            self._probe(self._jobs.state_counts()),
         )
         clamd_up, scanner_failure = scanner
         backend, aligner_failure = aligner
@@ -367,8 +515,15 @@ class Ingress:
             checks["clamd"] = _status(None if clamd_up else "not answering")
         if isinstance(backend, BackendInfo):
             self._backend = backend
+        ready = all(check.status == "ready" for check in checks.values()) and "clamd" in checks
+        counts, queue_failure = queue
+        checks["jobs"] = _status(
+            None if runner[1] is None and queue_failure is None else f"job runner: {runner[1] or 'ready'}; queue: {queue_failure or 'ready'}"
+        )
+        if isinstance(counts, dict):
+            checks["jobs"].detail = f"{counts['queued']} queued, {counts['running']} running"
         return DependencyReport(
-            status="ready" if all(check.status == "ready" for check in checks.values()) and "clamd" in checks else "unavailable",
+            status="ready" if ready else "unavailable",
             backend=backend.name if isinstance(backend, BackendInfo) else None,
             model=backend.model if isinstance(backend, BackendInfo) else None,
             checks=checks,

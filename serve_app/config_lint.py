@@ -16,12 +16,13 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from serve_app.settings import AlignerOptions, GraphArgs, IngressOptions, ScannerOptions
+from serve_app.settings import AlignerOptions, GraphArgs, IngressOptions, JobRunnerOptions, ScannerOptions
 
 USER_CONFIG_MODELS: dict[str, type[BaseModel]] = {
     "Ingress": IngressOptions,
     "Scanner": ScannerOptions,
     "Aligner": AlignerOptions,
+    "JobRunner": JobRunnerOptions,
 }
 
 

@@ -1,6 +1,7 @@
 """The Serve application: the whole graph, wired in one place.
 
     client -> Ingress (auth, limits, validation) -> Scanner (sniff, decode) -> Aligner (@serve.batch)
+                 Ingress (POST /v1/jobs: queued in Redis) ... JobRunner (Redis stream) -> Aligner
 
 `build_app` is the `import_path` target of configs/serve.yaml; its `args` are `GraphArgs`.
 Per-deployment resources, autoscaling and live knobs (`user_config`) come from the YAML's
@@ -15,10 +16,12 @@ from ray.serve import Application
 
 from deployments.aligner import Aligner
 from deployments.ingress import Ingress
+from deployments.job_runner import JobRunner
 from deployments.scanner import Scanner
 from serve_app.settings import GraphArgs
 
 
 def build_app(args: dict[str, Any]) -> Application:
     graph = GraphArgs.model_validate(args)
-    return Ingress.bind(Scanner.bind(), Aligner.bind(graph))
+    aligner = Aligner.bind(graph)
+    return Ingress.bind(Scanner.bind(), aligner, JobRunner.bind(aligner))

@@ -74,11 +74,23 @@ DEPENDENCY_UP = Gauge("aligner_dependency_up", "1 when the dependency answered i
 DEPENDENCY_ERRORS = Counter(
     "aligner_dependency_errors", "Calls to a dependency that failed.", tag_keys=_tags("dependency", "use")
 )
+_JOB_BOUNDARIES_S = [0.1, 0.5, 1, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 7200, 14400]
+JOBS = Counter(
+    "aligner_jobs", "Job lifecycle events: submitted, started, redelivered, succeeded, failed, cancelled, deleted, expired.",
+    tag_keys=_tags("event"),
+)
+JOBS_BY_STATE = Gauge("aligner_jobs_by_state", "Jobs queued and running, all owners (from Redis).", tag_keys=_tags("state"))
+JOB_QUEUE_DEPTH = Gauge("aligner_job_queue_depth", "Job stream entries not yet acknowledged (waiting or being worked on).", tag_keys=_tags())
+JOB_QUEUE_SECONDS = Histogram("aligner_job_queue_seconds", "Time from submission to a job's first start.", boundaries=_JOB_BOUNDARIES_S, tag_keys=_tags())
+JOB_RESULT_SECONDS = Histogram(
+    "aligner_job_result_seconds", "Time from submission to a job's end, by terminal status.", boundaries=_JOB_BOUNDARIES_S, tag_keys=_tags("status")
+)
+JOB_WINDOW_RETRIES = Counter("aligner_job_window_retries", "Job windows retried after the aligner failed on our side.", tag_keys=_tags())
 
 _ALL = (
     REQUESTS, STAGE_SECONDS, AUTH_FAILURES, API_KEY_STALE_SERVES, RATELIMIT_DECISIONS, SHED, LOAD_PROBE_FAILURES, BANS,
     SCANNER_VERDICTS, DECODE_REJECTIONS, AUDIO_SECONDS, BATCH_SIZE, BACKEND_FAILURES, INFERENCE_SECONDS, DEPENDENCY_UP,
-    DEPENDENCY_ERRORS,
+    DEPENDENCY_ERRORS, JOBS, JOBS_BY_STATE, JOB_QUEUE_DEPTH, JOB_QUEUE_SECONDS, JOB_RESULT_SECONDS, JOB_WINDOW_RETRIES,
 )  # fmt: skip
 
 

@@ -61,6 +61,9 @@ _CATALOGUE = [
     ProblemType("transcript-audio-mismatch", 422, "The transcript does not match the audio"),
     ProblemType("unpronounceable-unit", 422, "The transcript has a word the backend cannot pronounce"),
     # authentication and traffic control
+    ProblemType("job-result-unavailable", 409, "The job has no result"),
+    ProblemType("idempotency-key-in-use", 409, "A request with this Idempotency-Key is still being processed"),
+    ProblemType("idempotency-key-reused", 422, "This Idempotency-Key was used for a different request"),
     ProblemType("unauthenticated", 401, "A valid credential is required"),
     ProblemType("insufficient-scope", 403, "The credential lacks the required scope"),
     ProblemType("quota-exceeded", 429, "Request quota exceeded", _IANA + "quota-exceeded"),

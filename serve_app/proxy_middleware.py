@@ -11,11 +11,11 @@ request-id middleware inside these, so what they put in the scope is what Serve 
 - SafeRequestId: a client's `X-Request-Id` is kept only if it is a safe token; otherwise it is
   replaced by a fresh id before Serve reads it, so the response header, the problem body, the audit
   log and Serve's logs all carry the same id.
-- BodyCap: every route but the upload (`/v1/align`, capped by the ingress after authentication)
+- BodyCap: every route but the uploads (`/v1/align`, `/v1/jobs`: capped by the ingress after authentication)
   takes at most MAX_JSON_BODY_BYTES. A larger declared Content-Length is answered 413 here, without
   a deployment call; a chunked body is counted and cut off (413) once it passes the cap, so no
   deployment is ever handed more.
-- UploadNeedsCredential: an upload (`/v1/align`) that carries no credential header at all
+- UploadNeedsCredential: an upload (`/v1/align`, `/v1/jobs`) that carries no credential header at all
   (neither `Authorization` nor `X-API-Key`) can only be answered 401, so the ingress is handed an
   empty body instead of the client's: it still admits, authenticates, counts and audits the request
   as always, and no byte of the body is ever read, by the proxy or the replica. (Serve's proxy
@@ -52,7 +52,7 @@ CLIENT_CONTROLLED_HEADERS = frozenset({b"x-request-timeout-seconds", b"x-request
 CREDENTIAL_HEADERS = frozenset({b"authorization", b"x-api-key"})  # serve_app.security.authenticate reads these only
 REQUEST_ID_HEADER = b"x-request-id"
 _SAFE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
-UPLOAD_PATH_SUFFIX = "/v1/align"  # under any route prefix
+UPLOAD_PATH_SUFFIXES = ("/v1/align", "/v1/jobs")  # under any route prefix
 READINESS_PATH_SUFFIX = "/v1/ready"
 READINESS_CACHE_S = 1.0
 
@@ -125,7 +125,7 @@ class BodyCap:
         if scope["type"] != "http" or _is_upload(scope):
             await self.app(scope, receive, send)
             return
-        too_large = Problem("payload-too-large", f"the request body exceeds {self.max_bytes} bytes (uploads go to /v1/align)")
+        too_large = Problem("payload-too-large", f"the request body exceeds {self.max_bytes} bytes (uploads go to /v1/align or /v1/jobs)")
         declared = _header(scope, b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
             await send_problem(send, too_large, request_id_of(scope))  # no deployment call, no body byte read
@@ -183,7 +183,7 @@ class UploadNeedsCredential:
 
 
 def _is_upload(scope: Scope) -> bool:
-    return scope["path"].rstrip("/").endswith(UPLOAD_PATH_SUFFIX)
+    return scope["path"].rstrip("/").endswith(UPLOAD_PATH_SUFFIXES)
 
 
 @dataclass(frozen=True)

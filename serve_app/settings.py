@@ -70,6 +70,7 @@ class Plan(_Strict):
     max_concurrent_requests: int = Field(
         4, ge=1, description="Align requests one principal may have in flight, across all ingress replicas (429 beyond)."
     )
+    max_active_jobs: int = Field(20, ge=1, description="Jobs one principal may have queued or running at once (429 beyond).")
 
 
 def _default_plans() -> dict[str, Plan]:
@@ -172,6 +173,13 @@ class LongFormLimits(_Strict):
     max_transcript_units: int = Field(150_000, gt=0, description="Alignment units (10 h at 4 words a second is 144k).")
 
 
+class JobOptions(_Strict):
+    """The asynchronous job API (POST /v1/jobs): what a job may hold is `long_form`."""
+
+    retention_s: float = Field(86_400.0, gt=0, le=30 * 86_400, description="How long an ended job and its result are kept (then 404).")
+    max_page_size: int = Field(100, ge=1, le=1000, description="Most jobs one GET /v1/jobs page lists.")
+
+
 class IngressOptions(_Strict):
     """Live knobs of the ingress: what a request may contain, who may call, how often."""
 
@@ -188,6 +196,7 @@ class IngressOptions(_Strict):
         "aligner jobs); every plan's audio_seconds_burst must hold it."
     )
     long_form: LongFormLimits = Field(default_factory=LongFormLimits)
+    jobs: JobOptions = Field(default_factory=JobOptions)
     scan_timeout_s: float = Field(30.0, gt=0, description="Bound on one scan, plus the upload's size over scan_min_bytes_per_s.")
     scan_min_bytes_per_s: float = Field(
         4 * 1024 * 1024, gt=0, description="Scanning (clamd, decoding) throughput a large upload is allowed for."
@@ -241,6 +250,12 @@ class IngressOptions(_Strict):
         """The longest decoded audio one request on `plan` may send."""
         return min(self.max_audio_seconds, plan.max_audio_seconds or self.max_audio_seconds)
 
+    def longest_job_seconds(self, plan: Plan) -> float:
+        """The longest decoded audio one job on `plan` may hold: a job is charged whole, so at most
+        the plan's audio bucket (a longer one could never be admitted)."""
+        longest = min(self.long_form.max_audio_seconds, plan.max_audio_seconds or self.long_form.max_audio_seconds)
+        return min(longest, plan.audio_seconds_burst)
+
     @model_validator(mode="after")
     def _audio_buckets_hold_the_longest_audio(self) -> "IngressOptions":
         # Audio seconds are charged whole, so a bucket smaller than the longest admitted audio
@@ -271,6 +286,26 @@ class ScannerOptions(_Strict):
     )
     clamd_timeout_s: float = Field(10.0, gt=0, description="Bound on one clamd scan, connecting included.")
     max_concurrent_scans: int = Field(4, ge=1, le=64, description="Decodes running at once per replica.")
+
+
+class JobRunnerOptions(_Strict):
+    """Live knobs of the job runner: how many jobs it runs, how it retries, when it gives up."""
+
+    max_running_jobs: int = Field(2, ge=1, le=64, description="Jobs one runner replica works on at once.")
+    refine_concurrency: int = Field(
+        2, ge=1, le=64, description="Window jobs in flight per running job besides its locating window: jobs leave "
+        "aligner capacity to POST /v1/align."
+    )
+    lease_s: float = Field(30.0, ge=2, le=600, description="A job whose runner stopped renewing its claim this long is redelivered.")
+    max_attempts: int = Field(3, ge=1, le=20, description="Deliveries of one job (runner deaths) before it fails.")
+    window_retries: int = Field(6, ge=0, le=50, description="Retries of one window the aligner failed on (503: replica died, saturated).")
+    retry_backoff_s: float = Field(1.0, gt=0, le=60, description="First wait before a retry; doubles, at most 30 s.")
+    run_deadline_s: float = Field(900.0, gt=0, description="A job still running this long after it started, plus the share below, fails.")
+    run_deadline_per_audio_s: float = Field(0.5, ge=0, description="Seconds of run time allowed per second of audio.")
+    align_timeout_s: float = Field(120.0, gt=0, description="Bound on one aligner call.")
+    progress_interval_s: float = Field(1.0, gt=0, description="Progress is written at most this often.")
+    expiry_sweep_s: float = Field(10.0, gt=0, description="How often ended jobs past their retention are deleted.")
+    retry_after_s: int = Field(5, ge=1, description="Retry-After of the 503 problems a job may end with.")
 
 
 class AlignerOptions(_Strict):
@@ -325,6 +360,11 @@ class Environment(_Strict):
     introspection_client_secret: SecretStr | None
     audit_log: str  # "stdout" or a file path
     spool_dir: str  # uploads and decoded audio on local disk (serve_app.media.spool)
+
+    @property
+    def job_spool_dir(self) -> str:
+        """Jobs' decoded audio: apart from the request spool, whose sweep must never take a queued job's."""
+        return os.path.join(self.spool_dir, "jobs")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> "Environment":

@@ -46,7 +46,11 @@ TEST_PLANS = {
     "ten-audio-seconds": {"requests_burst": 1000, "requests_per_minute": 1000, "audio_seconds_burst": 10, "audio_seconds_per_hour": 0.001, "max_audio_seconds": 10},
     "hour-of-audio": {"requests_burst": 1000, "requests_per_minute": 1000, "audio_seconds_burst": 3600, "audio_seconds_per_hour": 0.001},
     "two-at-once": {"requests_burst": 1000, "requests_per_minute": 1000, "audio_seconds_burst": 1e6, "audio_seconds_per_hour": 1e6, "max_concurrent_requests": 2},
+    "two-jobs": {"requests_burst": 1000, "requests_per_minute": 1000, "audio_seconds_burst": 1e6, "audio_seconds_per_hour": 1e6, "max_active_jobs": 2},
 }
+# Job runners: a dead runner's jobs are redelivered within seconds, retries start at once.
+TEST_JOB_RUNNER = {"lease_s": 6, "retry_backoff_s": 0.5, "expiry_sweep_s": 1}
+TEST_QWEN3_JOB_RETENTION_S = 5.0  # "qwen3" app: ended jobs expire within the test that made them
 
 # OAuth2 clients registered with the session's loopback issuer.
 OAUTH_CLIENT_ID, OAUTH_CLIENT_SECRET = "batch-worker", "batch-worker-secret"
@@ -77,13 +81,18 @@ def _test_applications(tiny_checkpoint: Path, oauth_issuer_url: str) -> list[dic
         ingress = _test_ingress(app, oauth_issuer_url)
         ingress["user_config"]["max_upload_bytes"] = TEST_MAX_UPLOAD_BYTES
         ingress["autoscaling_config"].update(min_replicas=2, max_replicas=2)
+        deployment_of(app, "JobRunner")["user_config"].update(TEST_JOB_RUNNER)
 
     def tiny_qwen3(app: dict) -> None:
         app["args"].update(
             backend="qwen3", qwen3_model=str(tiny_checkpoint), qwen3_dtype="float32", qwen3_max_audio_seconds=TEST_QWEN3_WINDOW_S
         )
         ingress = _test_ingress(app, oauth_issuer_url)
-        ingress["user_config"].update(abuse=TEST_ABUSE, shedding=TEST_SHEDDING, upload_idle_timeout_s=TEST_UPLOAD_IDLE_TIMEOUT_S)
+        ingress["user_config"].update(
+            abuse=TEST_ABUSE, shedding=TEST_SHEDDING, upload_idle_timeout_s=TEST_UPLOAD_IDLE_TIMEOUT_S,
+            jobs={"retention_s": TEST_QWEN3_JOB_RETENTION_S},
+        )  # fmt: skip
+        deployment_of(app, "JobRunner")["user_config"].update(TEST_JOB_RUNNER)
 
     return [application_from_yaml("aligner", "/", pocketsphinx), application_from_yaml("qwen3", "/qwen3", tiny_qwen3)]
 

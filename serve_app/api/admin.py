@@ -15,7 +15,9 @@ from fastapi import APIRouter, Depends, Path, Query, Request, Response
 from serve_app.api.dependencies import authorized, gate
 from serve_app.api.gate import Caller, Gate
 from serve_app.api.json_body import json_request_body, read_json_body
-from serve_app.api.models import BanOut, KeyCreate, KeyCreated, KeyOut, KeyRotate, problem_responses
+from serve_app.api.jobs import jobs, list_page
+from serve_app.api.models import BanOut, JobList, KeyCreate, KeyCreated, KeyOut, KeyRotate, problem_responses
+from serve_app.jobs.store import JobStore
 from serve_app.problems import Problem
 from serve_app.security.api_keys import KeyRecord, UnknownKey
 
@@ -24,6 +26,7 @@ admin = authorized("admin")
 
 _SECONDS_PER_DAY = 86_400
 _BAN_SUBJECT = r"^(ip|principal):[^\s]{1,200}$"  # as GET /v1/admin/bans lists them
+_OWNER = r"^(api_key|jwt):[!-~]{1,200}$"  # a principal key: "api_key:<key id>" or "jwt:<issuer tag>:<client id>"
 
 
 def _key_out(record: KeyRecord) -> KeyOut:
@@ -44,6 +47,20 @@ def _key_out(record: KeyRecord) -> KeyOut:
 def _known_plan(gate: Gate, plan: str) -> None:
     if plan not in gate.options.plans:
         raise Problem("invalid-request", f"unknown plan; configured plans: {', '.join(sorted(gate.options.plans))}")
+
+
+@router.get("/jobs", response_model=JobList, summary="One owner's jobs, newest first (as GET /v1/jobs lists the caller's)")
+async def list_owner_jobs(
+    owner: str = Query(pattern=_OWNER, description='A principal key: "api_key:<key id>" or "jwt:<issuer tag>:<client id>".'),
+    status: str | None = Query(None),
+    limit: int | None = Query(None),
+    cursor: str | None = Query(None, max_length=32),
+    caller: Caller = Depends(admin),
+    gate: Gate = Depends(gate),
+    store: JobStore = Depends(jobs),
+) -> JobList:
+    gate.audit.record(caller.audit, "job", "listed", "admin", owner=owner)
+    return await list_page(store, gate, owner, status, limit, cursor)
 
 
 @router.get("/keys", response_model=list[KeyOut], summary="List API keys (never their secrets)")

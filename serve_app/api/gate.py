@@ -239,6 +239,10 @@ class Gate:
         assert caller.principal is not None
         return self.options.longest_audio_seconds(self._plan(caller.principal))
 
+    def plan_of(self, caller: Caller) -> Plan:
+        assert caller.principal is not None
+        return self._plan(caller.principal)
+
     def _plan(self, principal: Principal) -> Plan:
         return self.options.plans.get(principal.plan, self.options.plans["standard"])
 

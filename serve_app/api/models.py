@@ -95,13 +95,18 @@ class Readiness(BaseModel):
     """What a load balancer needs: nothing about which dependency failed (that is admin-only)."""
 
     status: Literal["ready", "unavailable"]
+    jobs: Literal["ready", "unavailable"] = Field(
+        description="Whether a job runner is taking jobs from the queue (POST /v1/align does not need one)."
+    )
 
 
 class DependencyReport(BaseModel):
     status: Literal["ready", "unavailable"]
     backend: str | None = Field(None, description="The aligner backend actually loaded.")
     model: str | None = None
-    checks: dict[str, DependencyStatus] = Field(description="scanner, clamd (through the scanner), aligner, redis.")
+    checks: dict[str, DependencyStatus] = Field(
+        description="scanner, clamd (through the scanner), aligner, redis; jobs (the job runner and queue: not part of `status`)."
+    )
     age_s: float = Field(0.0, description="Seconds since the background probe that produced this report.")
 
 
@@ -143,3 +148,35 @@ class BanOut(BaseModel):
     reason: str
     offence: int
     retry_after_s: int
+
+
+class JobProgress(BaseModel):
+    windows_done: int = Field(description="Aligner jobs (windows) done.")
+    windows_total: int = Field(description="Windows the file takes: an estimate while running (cuts follow the speech), exact at the end.")
+    audio_seconds_done: float = Field(description="Audio located so far, from the start of the file.")
+    audio_seconds_total: float = Field(description="The decoded duration (what was charged).")
+
+
+class JobLinks(BaseModel):
+    self: str
+    result: str = Field(description="GET it once status is succeeded; ?format=json|srt|vtt|textgrid.")
+
+
+class JobOut(BaseModel):
+    id: str = Field(description="Unguessable (128 random bits).")
+    status: Literal["queued", "running", "succeeded", "failed", "cancelled"]
+    created_at: float = Field(description="Unix time (seconds).")
+    started_at: float | None
+    finished_at: float | None
+    expires_at: float | None = Field(description="When an ended job and its result are deleted (then 404).")
+    language: str
+    format: OutputFormat = Field(description="The submitted format: the default of the result link.")
+    duration: float = Field(description="Decoded audio seconds (charged once, at submission).")
+    progress: JobProgress
+    error: Problem | None = Field(description="The RFC 9457 problem a failed job ended with.")
+    links: JobLinks
+
+
+class JobList(BaseModel):
+    jobs: list[JobOut] = Field(description="Newest first.")
+    next_cursor: str | None = Field(description="Pass as ?cursor= for the next page; null on the last one.")

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, get_args
 
-SpoolKind = Literal["upload", "pcm"]
+SpoolKind = Literal["upload", "pcm", "envelope"]
 _KINDS: tuple[str, ...] = get_args(SpoolKind)
 _NAME_BYTES = 16  # 128 random bits: unguessable, never colliding in practice (O_EXCL catches it)
 
@@ -111,6 +111,15 @@ class Spool:
         path = os.path.join(self._directory, f"{kind}-{secrets.token_hex(_NAME_BYTES)}")
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
         return SpoolWriter(path, os.open(path, flags, 0o600))
+
+    def move_in(self, path: str) -> str:
+        """Move a file of another spool on the same filesystem into this one (same name); its new path."""
+        name = os.path.basename(path)
+        if not name.startswith(tuple(f"{kind}-" for kind in _KINDS)):
+            raise ValueError("not a spool file")
+        target = os.path.join(self._directory, name)
+        os.rename(path, target)  # atomic; never a copy of hours of audio
+        return target
 
     def remove(self, file: SpooledFile | str) -> None:
         """Delete a spool file; a missing one is fine, a path outside the spool is a ValueError."""

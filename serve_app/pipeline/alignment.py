@@ -76,6 +76,22 @@ class AlignmentRequest:
     max_audio_seconds: float  # the longest decoded audio this route and plan admit
 
 
+@dataclass
+class WindowProgress:
+    """How far one alignment has got: window jobs aligned, audio seconds located (of `total_seconds`)."""
+
+    total_seconds: float
+    windows: int = 0
+    audio_seconds: float = 0.0
+
+
+Progress = Callable[[WindowProgress], Awaitable[None]]
+
+
+async def _no_progress(_: WindowProgress) -> None:
+    return None
+
+
 @dataclass(frozen=True)
 class Alignment:
     words: list[WordTiming]
@@ -101,37 +117,93 @@ def alignment_problem(outcome: JobOutcome, retry_after_s: int) -> Problem | None
     return None
 
 
-class AlignmentPipeline:
-    def __init__(self, scan: Scan, align: Align, spool: Spool, backend: BackendInfo, retry_after_s: int) -> None:
-        self._scan = scan
+class AudioAligner:
+    """Decoded audio and its transcript -> words, in windows on the aligner (the job runner's part too)."""
+
+    def __init__(self, align: Align, backend: BackendInfo, retry_after_s: int, *, refine_concurrency: int | None = None) -> None:
+        """`refine_concurrency`: segment jobs in flight per long file (default: windows.WindowSettings')."""
         self._align = align
+        self.backend = backend
+        self._windows = WindowSettings.for_backend(backend.max_audio_seconds, refine_concurrency)
+        self._retry_after_s = retry_after_s
+
+    async def align(self, audio: DecodedAudio, transcript: Transcript, progress: Progress | None = None) -> Alignment:
+        """Align checked, charged audio; `progress` hears of each window aligned. Leaves the PCM in place."""
+        with metrics.timed("align"):  # the whole alignment, however many jobs it took
+            spans = await self._aligned(audio, transcript, progress or _no_progress)
+        metrics.AUDIO_SECONDS.inc(audio.duration_seconds, tags={"backend": self.backend.name})
+        words = word_timings(transcript, spans, audio.duration_seconds)
+        return Alignment(words=words, duration=audio.duration_seconds)
+
+    async def _aligned(self, audio: DecodedAudio, transcript: Transcript, progress: Progress) -> list[Span | None]:
+        """A span per unit."""
+        units = transcript.units
+        windowed = audio.duration_seconds > self._windows.max_window_s
+        done = WindowProgress(audio.duration_seconds)
+
+        async def align_window(window: Window) -> Sequence[UnitTiming]:
+            first, stop = round(window.start * SAMPLE_RATE), round(window.end * SAMPLE_RATE)
+            job = AlignmentJob(read_samples(audio.pcm_path, first, stop), tuple(units[window.first_unit : window.stop_unit]), transcript.language)
+            outcome = await self._align(job)
+            problem = alignment_problem(outcome, self._retry_after_s)
+            if problem is not None:
+                if windowed and problem.type.slug == "no-alignment-found":
+                    raise mismatch(window)
+                raise problem
+            done.windows += 1
+            await progress(done)
+            return [UnitTiming(timing.text, timing.start + window.start, timing.end + window.start) for timing in outcome]
+
+        def located(frontier_s: float) -> None:
+            done.audio_seconds = frontier_s
+
+        spans = await align_windowed(units, audio.duration_seconds, audio.envelope, self._windows, align_window, located)
+        done.audio_seconds = audio.duration_seconds
+        await progress(done)
+        return spans
+
+
+class AlignmentPipeline:
+    """Intake (scan, check, charge) and then the AudioAligner: POST /v1/align, and job submissions' intake."""
+
+    def __init__(self, scan: Scan, aligner: AudioAligner, spool: Spool, retry_after_s: int) -> None:
+        self._scan = scan
+        self.aligner = aligner
         self._spool = spool
-        self._backend = backend
-        self._windows = WindowSettings.for_backend(backend.max_audio_seconds)
         self._retry_after_s = retry_after_s
 
     async def run(self, request: AlignmentRequest, ledger: Ledger) -> Alignment:
+        """The whole alignment behind POST /v1/align: intake, then align, refunding a failure of ours."""
+        audio = await self.intake(request, ledger)
         try:
-            audio = await self._scanned(request, ledger)
-        finally:
-            self._spool.remove(request.upload)  # decoded or refused, the upload is no longer needed
-        try:
-            self._check(audio, request)
-            # Charged only once the request will be worked on, and given back when that work fails
-            # on our side (a 5xx): a caller pays for alignments, not for refusals or our outages.
-            await ledger.charge_audio(audio.duration_seconds)
             try:
-                with metrics.timed("align"):  # the whole alignment, however many jobs it took
-                    spans = await self._aligned(audio, request.transcript)
+                return await self.aligner.align(audio, request.transcript)
             except Exception as failure:
                 if not isinstance(failure, Problem) or failure.type.status >= 500:
                     await ledger.refund_audio(audio.duration_seconds)
                 raise
         finally:
             self._spool.remove(audio.pcm_path)
-        metrics.AUDIO_SECONDS.inc(audio.duration_seconds, tags={"backend": self._backend.name})
-        words = word_timings(request.transcript, spans, audio.duration_seconds)
-        return Alignment(words=words, duration=audio.duration_seconds)
+
+    async def intake(self, request: AlignmentRequest, ledger: Ledger) -> DecodedAudio:
+        """Scan, check and charge: the decoded audio, the caller's to align and then remove.
+
+        The upload is removed whatever happens; the decoded PCM too, unless this returns it.
+        """
+        try:
+            audio = await self._scanned(request, ledger)
+        finally:
+            self._spool.remove(request.upload)  # decoded or refused, the upload is no longer needed
+        try:
+            self._check(audio, request)
+            # Charged only once the request will be worked on; the caller of align() gives it back
+            # when that work fails on our side (a 5xx): a caller pays for alignments, not for
+            # refusals or our outages.
+            await ledger.charge_audio(audio.duration_seconds)
+        except BaseException:
+            self._spool.remove(audio.pcm_path)
+            raise
+        return audio
 
     async def _scanned(self, request: AlignmentRequest, ledger: Ledger) -> DecodedAudio:
         with metrics.timed("scan"):
@@ -162,21 +234,3 @@ class AlignmentPipeline:
             check_plausible(request.transcript, audio.duration_seconds)
         except TranscriptRejected as rejected:
             raise Problem(rejected.reason, rejected.detail) from None
-
-    async def _aligned(self, audio: DecodedAudio, transcript: Transcript) -> list[Span | None]:
-        """A span per unit."""
-        units = transcript.units
-        windowed = audio.duration_seconds > self._windows.max_window_s
-
-        async def align_window(window: Window) -> Sequence[UnitTiming]:
-            first, stop = round(window.start * SAMPLE_RATE), round(window.end * SAMPLE_RATE)
-            job = AlignmentJob(read_samples(audio.pcm_path, first, stop), tuple(units[window.first_unit : window.stop_unit]), transcript.language)
-            outcome = await self._align(job)
-            problem = alignment_problem(outcome, self._retry_after_s)
-            if problem is not None:
-                if windowed and problem.type.slug == "no-alignment-found":
-                    raise mismatch(window)
-                raise problem
-            return [UnitTiming(timing.text, timing.start + window.start, timing.end + window.start) for timing in outcome]
-
-        return await align_windowed(units, audio.duration_seconds, audio.envelope, self._windows, align_window)

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import dataclasses
 import math
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -62,7 +63,6 @@ _LONGEST_QUIET_WORD_S = 0.3  # a unit this short may hold no frame at the speech
 _SILENCE_SKIP_MARGIN_S = 1.0  # a skip over non-speech stops this short of the speech found
 _FEWER_UNITS_RETRIES = 2  # a window the aligner finds no path for is retried with half the units
 _MAX_SILENT_SHARE = 0.5  # the last window is refused when more of its units than this hold no speech
-_REFINE_CONCURRENCY = 8  # segment jobs in flight at once, per long file
 
 
 @dataclass(frozen=True)
@@ -75,6 +75,7 @@ class WindowSettings:
     tail_units: int  # nor are the last this many units it was given
     text_margin: float = -0.3  # text given against the speaking-rate estimate, as a share of it
     min_pause_s: float = 0.15  # the refining pass cuts at pauses at least this long
+    refine_concurrency: int = 8  # segment jobs in flight at once, per long file
 
     def __post_init__(self) -> None:
         if not 0 < self.window_s <= self.max_window_s:
@@ -83,12 +84,15 @@ class WindowSettings:
             raise ValueError("guard_s must be below half of window_s, or a window could settle nothing")
         if not -1 < self.text_margin:
             raise ValueError("text_margin must be above -1")
+        if self.refine_concurrency < 1:
+            raise ValueError("refine_concurrency must be at least 1")
 
     @classmethod
-    def for_backend(cls, max_window_s: float) -> "WindowSettings":
+    def for_backend(cls, max_window_s: float, refine_concurrency: int | None = None) -> "WindowSettings":
         """Locating windows of two thirds of the backend's range; the last tenth of each is guard."""
         window_s = max_window_s * 2 / 3
-        return cls(max_window_s=max_window_s, window_s=window_s, guard_s=window_s / 10, tail_units=2)
+        settings = cls(max_window_s=max_window_s, window_s=window_s, guard_s=window_s / 10, tail_units=2)
+        return settings if refine_concurrency is None else dataclasses.replace(settings, refine_concurrency=refine_concurrency)
 
 
 @dataclass(frozen=True)
@@ -106,16 +110,27 @@ AlignWindow = Callable[[Window], Awaitable[Sequence[UnitTiming]]]
 
 
 async def align_windowed(
-    units: Sequence[str], duration: float, envelope: np.ndarray, settings: WindowSettings, align: AlignWindow
+    units: Sequence[str],
+    duration: float,
+    envelope: np.ndarray,
+    settings: WindowSettings,
+    align: AlignWindow,
+    located: Callable[[float], None] = lambda frontier_s: None,
 ) -> list[Span | None]:
-    """A span per unit over the whole file, aligned in as many jobs as it takes."""
+    """A span per unit over the whole file, aligned in as many jobs as it takes.
+
+    `located` hears the walk's frontier (seconds) after each of its steps: progress."""
     if duration <= settings.max_window_s:
         return await _align_span(Window(0.0, duration, 0, len(units)), units, align)
     loudness = _Loudness(envelope)
     walk = _Walk(units, duration, loudness, settings, align)
     refiner = _Refiner(units, walk.spans, duration, loudness, settings, align)
     try:
-        await walk.run(refiner.settled)
+        def settled(frontier_time: float, frontier_unit: int) -> None:
+            refiner.settled(frontier_time, frontier_unit)
+            located(frontier_time)
+
+        await walk.run(settled)
         refiner.settled(duration, len(units), final=True)
         return await refiner.result()
     finally:
@@ -317,7 +332,7 @@ class _Refiner:
         self._align = align
         self._pauses = loudness.pause_midpoints(settings.min_pause_s)
         self._refined: list[Span | None] = [None] * len(units)
-        self._slots = asyncio.Semaphore(_REFINE_CONCURRENCY)
+        self._slots = asyncio.Semaphore(settings.refine_concurrency)
         self._tasks: list[asyncio.Task] = []
         self._done_time = 0.0  # segments before this time (and before _done_unit) are launched
         self._done_unit = 0

@@ -91,9 +91,9 @@ class _SentinelMasterClient(Redis):
         await self.connection_pool.sentinel_manager.aclose()
 
 
-def load_script(redis: Redis, filename: str) -> AsyncScript:
-    """The Lua script `filename` shipped in this package, bound to `redis`."""
-    text = resources.files(__package__).joinpath(filename).read_text(encoding="utf-8")
+def load_script(redis: Redis, filename: str, package: str | None = __package__) -> AsyncScript:
+    """The Lua script `filename` shipped in `package` (default this one), bound to `redis`."""
+    text = resources.files(package).joinpath(filename).read_text(encoding="utf-8")
     return redis.register_script(text)
 
 

@@ -45,7 +45,7 @@ def with_bench_plan(app: dict) -> dict:
     from tests.support.cluster import deployment_of
 
     user_config = deployment_of(app, "Ingress")["user_config"]
-    huge = {"requests_burst": 10**7, "requests_per_minute": 10**7, "audio_seconds_burst": 1e9, "audio_seconds_per_hour": 1e9, "priority": 10, "max_concurrent_requests": 10**6}
+    huge = {"requests_burst": 10**7, "requests_per_minute": 10**7, "audio_seconds_burst": 1e9, "audio_seconds_per_hour": 1e9, "priority": 10, "max_concurrent_requests": 10**6, "max_active_jobs": 10**6}
     user_config["plans"] = {"standard": {}, BENCH_PLAN: huge}
     user_config["rate_limits"] = {"pre_auth_burst": 10**7, "pre_auth_per_minute": 10**7}
     return app

@@ -240,3 +240,14 @@ def test_score_alignments_pairs_words_by_position_and_counts_missing_ones():
     assert report.missing_words == 3
     assert report.mean_ms == pytest.approx(35.0)
     assert report.percent_within_ms == {20: 50.0, 50: 100.0, 100: 100.0}
+
+
+def test_an_answer_depends_on_its_own_audio_only_never_on_what_was_aligned_before(utterances):
+    """The decoder's noise estimate and cepstral mean must not carry over between jobs: the same
+    request answers the same, whatever the replica aligned before (a job equals its /v1/align answer)."""
+    backend = PocketSphinxBackend()
+    in_order = [backend.align_batch([utterance.job()])[0] for utterance in utterances]
+    reversed_order = [backend.align_batch([utterance.job()])[0] for utterance in reversed(utterances)][::-1]
+    fresh = [PocketSphinxBackend().align_batch([utterance.job()])[0] for utterance in utterances[-2:]]
+    assert in_order == reversed_order
+    assert in_order[-2:] == fresh

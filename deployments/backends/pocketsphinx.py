@@ -87,6 +87,10 @@ class _AligningDecoder:
         """Word segments (fillers and silences included) for the whole utterance; None if no path."""
         self._learn([entry for entry in pronunciations if entry.new_phones])
         self._decoder.set_align_text(" ".join(entry.word for entry in pronunciations))
+        # The decoder carries its noise estimate and cepstral mean over from the last utterance:
+        # reset both, so an answer depends on its own audio only, never on what this replica
+        # aligned before (a job's result equals the same request's /v1/align answer).
+        self._decoder.reinit_feat()
         self._decoder.start_utt()
         self._decoder.process_raw(pcm, full_utt=True)
         self._decoder.end_utt()

@@ -10,8 +10,9 @@ that is never the limit measured. Three parts, in one run:
    done unchanged) is reported; meanwhile the same clip is sent to POST /v1/align over and over,
    one at a time, and its p50 is compared with the idle p50;
 3. 200 jobs submitted at once (200 threads; the 7 dev clips in turn): every one must succeed with
-   the words (text, start, end) POST /v1/align answers for the same input. A submission answered
-   503 or 429 is retried after its Retry-After, as a client must; how many were is reported.
+   the words (text, start, end) POST /v1/align answers for the same input. Each thread polls its
+   job every 0.5 s. A call answered 503 or 429 is retried after its Retry-After, as a client must;
+   how many submissions were is reported.
 
 Targets (exit 1 when one is missed): the 2 h job succeeds; progress at least every 10 s; /v1/align
 p50 while it runs <= 1.5x idle; 200 of 200 jobs succeed with the synchronous answer.
@@ -73,10 +74,22 @@ def _submit(client: httpx.Client, audio, text: str, filename: str = "clip.wav") 
         time.sleep(float(response.headers.get("retry-after", "1")))
 
 
+def _get(client: httpx.Client, path: str, **params) -> dict:
+    """GET as a client must: 503 and 429 are waited out (Retry-After), anything else but 200 is an error."""
+    for _ in range(50):
+        response = client.get(path, params=params)
+        if response.status_code == 200:
+            return response.json()
+        if response.status_code not in (429, 503):
+            raise RuntimeError(f"GET {path}: {response.status_code} {response.text[:200]}")
+        time.sleep(float(response.headers.get("retry-after", "1")))
+    raise RuntimeError(f"GET {path}: still refused")
+
+
 def _wait(client: httpx.Client, job_id: str, poll_s: float, timeout_s: float, seen: list | None = None) -> dict:
     deadline = time.monotonic() + timeout_s
     while True:
-        job = client.get(f"/v1/jobs/{job_id}").json()
+        job = _get(client, f"/v1/jobs/{job_id}")
         if seen is not None:
             seen.append((time.monotonic(), job["status"], job["progress"]["windows_done"], job["progress"]["audio_seconds_done"]))
         if job["status"] in TERMINAL:
@@ -180,7 +193,7 @@ def main() -> int:
                 if done["status"] != "succeeded":
                     print(f"  {name}: {done['status']} {done['error']}")
                     return False, retries
-                result = own.get(f"/v1/jobs/{job_id}/result", params={"format": "json"}).json()
+                result = _get(own, f"/v1/jobs/{job_id}/result", format="json")
                 if _words(result) != expected[name]:
                     differing = [(a, b) for a, b in zip(_words(result), expected[name]) if a != b]
                     print(f"  {name}: words differ from /v1/align's: {differing[:2]}")

@@ -252,11 +252,10 @@ class Ingress:
     async def _align_request(self, request: Request, caller: Caller, options: IngressOptions) -> Response:
         form = await self._read_form(request, options, options.max_upload_bytes, options.max_transcript_chars)
         try:
-            transcript = await self._checked_transcript(form, options, options.max_transcript_chars, options.max_transcript_units)
+            transcript, backend = await self._checked_transcript(form, options, options.max_transcript_chars, options.max_transcript_units)
         except BaseException:
             self._spool.remove(form.audio)  # the pipeline owns the upload only once it runs
             raise
-        backend = await self._backend_info(options)
         alignment = await self._pipeline(backend, options).run(
             AlignmentRequest(form.audio, form.audio_content_type, transcript, self._gate.longest_audio_seconds(caller)),
             CallerLedger(self._gate, caller),
@@ -278,7 +277,7 @@ class Ingress:
         ).hexdigest()
         reserved = False
         try:
-            transcript = await self._checked_transcript(form, options, limits.max_transcript_chars, limits.max_transcript_units)
+            transcript, backend = await self._checked_transcript(form, options, limits.max_transcript_chars, limits.max_transcript_units)
             if key is not None:
                 ttl = _IDEMPOTENCY_RESERVATION_S + options.scan_timeout_for(form.audio.size)
                 replay = await stored(self._jobs.reserve_idempotency(owner, key, fingerprint, ttl), self._gate)
@@ -294,9 +293,7 @@ class Ingress:
                 await self._release(owner, key, fingerprint)
             raise
         try:
-            backend = await self._backend_info(options)
-            pipeline = self._pipeline(backend, options)
-            audio = await pipeline.intake(
+            audio = await self._pipeline(backend, options).intake(
                 AlignmentRequest(form.audio, form.audio_content_type, transcript, options.longest_job_seconds(plan)),
                 CallerLedger(self._gate, caller),
             )
@@ -423,13 +420,15 @@ class Ingress:
                 self._spool,
             )
 
-    async def _checked_transcript(self, form: AlignForm, options: IngressOptions, max_chars: int, max_units: int) -> Transcript:
-        """The transcript, in a language the loaded backend aligns."""
+    async def _checked_transcript(
+        self, form: AlignForm, options: IngressOptions, max_chars: int, max_units: int
+    ) -> tuple[Transcript, BackendInfo]:
+        """The transcript, in a language the loaded backend aligns; and that backend."""
         transcript = self._parse_transcript(form, options, max_chars, max_units)
         backend = await self._backend_info(options)
         if transcript.language not in backend.languages:
             raise Problem("unsupported-language", f"the {backend.name} backend does not align {transcript.language}")
-        return transcript
+        return transcript, backend
 
     @staticmethod
     def _parse_transcript(form: AlignForm, options: IngressOptions, max_chars: int, max_units: int) -> Transcript:

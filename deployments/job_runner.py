@@ -24,7 +24,7 @@ from deployments.downstream import downstream
 from deployments.probe_access_log import quiet_probe_access_logs
 from serve_app import metrics
 from serve_app.jobs.runner import JobRunner as Runner
-from serve_app.jobs.runner import retrying_align
+from serve_app.jobs.runner import patiently, retrying_align
 from serve_app.jobs.store import JobRecord, JobStore, namespace_of
 from serve_app.media.spool import Spool
 from serve_app.pipeline.alignment import AudioAligner
@@ -101,7 +101,9 @@ class JobRunner:
     async def _audio_aligner(self) -> AudioAligner:
         options = self._runner.options
         if self._backend is None:
-            self._backend = await downstream(self._aligner_handle.info.remote(), "aligner", _BACKEND_INFO_TIMEOUT_S, options.retry_after_s)
+            self._backend = await patiently(
+                lambda: downstream(self._aligner_handle.info.remote(), "aligner", _BACKEND_INFO_TIMEOUT_S, options.retry_after_s), options
+            )
 
         async def align(job: AlignmentJob) -> JobOutcome:
             return await downstream(self._aligner_handle.align.remote(job, True), "aligner", options.align_timeout_s, options.retry_after_s)

@@ -144,6 +144,23 @@ def test_openapi_declares_the_credentials_and_documents_admin_bodies():
     assert "overlap_hours" in rotate["requestBody"]["content"]["application/json"]["schema"]["properties"]
 
 
+def test_openapi_describes_every_job_route():
+    spec = app.openapi()
+    routes = [("/v1/jobs", "post"), ("/v1/jobs", "get"), ("/v1/jobs/{job_id}", "get"), ("/v1/jobs/{job_id}", "delete"),
+              ("/v1/jobs/{job_id}/result", "get"), ("/v1/admin/jobs", "get")]  # fmt: skip
+    for path, method in routes:
+        operation = spec["paths"][path][method]
+        assert operation["security"] == [{"apiKey": []}, {"bearer": []}], (path, method)
+        assert operation["summary"] and ("404" in operation["responses"]) == (path != "/v1/jobs" or method == "get"), (path, method)
+    submit = spec["paths"]["/v1/jobs"]["post"]
+    assert "Location" in submit["responses"]["202"]["headers"] and "429" in submit["responses"]
+    assert [parameter["name"] for parameter in submit["parameters"]] == ["Idempotency-Key"]
+    assert submit["requestBody"]["content"]["multipart/form-data"]["schema"]["required"] == ["audio", "text"]
+    job = spec["components"]["schemas"]["JobOut"]["properties"]
+    assert {"status", "progress", "error", "links", "expires_at"} <= set(job)
+    assert "409" in spec["paths"]["/v1/jobs/{job_id}/result"]["get"]["responses"]
+
+
 @pytest.mark.asyncio
 @pytest.mark.parametrize(
     ("error", "named"),

@@ -40,6 +40,7 @@ import logging
 import math
 import time
 from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 import numpy as np
 
@@ -57,6 +58,7 @@ from serve_app.text.transcript import TranscriptRejected, parse_transcript
 
 logger = logging.getLogger("ray.serve")
 
+_T = TypeVar("_T")
 _MAX_BACKOFF_S = 30.0
 _BLOCK_MS = 1000  # one XREADGROUP waits this long for a new entry
 
@@ -65,24 +67,30 @@ Refund = Callable[[JobRecord], Awaitable[bool]]
 """Give a job's charged audio seconds back to its owner; False when the store failed."""
 
 
+async def patiently(call: Callable[[], Awaitable[_T]], options: JobRunnerOptions, transient: Callable[[_T], bool] = lambda _: False) -> _T:
+    """`call()`, retried with backoff while it fails on our side: a 503 problem (the deployment
+    died, is saturated or slow) or an answer `transient` says a retry may fix; at most
+    `window_retries` times, then its last answer (or problem) stands."""
+    backoff, retries = options.retry_backoff_s, 0
+    while True:
+        try:
+            answer = await call()
+            if not transient(answer) or retries == options.window_retries:
+                return answer
+        except Problem as problem:
+            if problem.type.status != 503 or retries == options.window_retries:
+                raise
+        retries += 1
+        metrics.JOB_WINDOW_RETRIES.inc()
+        await asyncio.sleep(backoff)
+        backoff = min(backoff * 2, _MAX_BACKOFF_S)
+
+
 def retrying_align(align: Align, options: JobRunnerOptions) -> Align:
-    """`align` with a job's patience: a call that failed on our side (a 503 problem: the replica
-    died, is saturated or slow; or a transient backend failure) is retried with backoff."""
+    """`align` with a job's patience (a transient backend failure, out of memory, is retried too)."""
 
     async def align_retried(job: AlignmentJob) -> JobOutcome:
-        backoff, retries = options.retry_backoff_s, 0
-        while True:
-            try:
-                outcome = await align(job)
-                if not (isinstance(outcome, BackendFailed) and outcome.transient) or retries == options.window_retries:
-                    return outcome
-            except Problem as problem:
-                if problem.type.status != 503 or retries == options.window_retries:
-                    raise
-            retries += 1
-            metrics.JOB_WINDOW_RETRIES.inc()
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, _MAX_BACKOFF_S)
+        return await patiently(lambda: align(job), options, lambda outcome: isinstance(outcome, BackendFailed) and outcome.transient)
 
     return align_retried
 

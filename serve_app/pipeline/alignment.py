@@ -1,15 +1,17 @@
 """One alignment, from a spooled upload to the caller's words: scan -> charge -> window -> align -> stitch.
 
-POST /v1/align calls it (deployments.ingress) and so will the job runner: the steps, their order
-and their refusals are the same behind both front doors. No FastAPI and no Serve here; what the
-pipeline needs from the outside is passed in:
+Two parts, the same behind both front doors: `AlignmentPipeline.intake` (scan, check, charge) and
+`AudioAligner.align` (windows on the aligner, stitched). POST /v1/align runs both in one request
+(`AlignmentPipeline.run`); POST /v1/jobs runs the intake at submission and the job runner
+(serve_app.jobs.runner) the aligning, later, from the decoded audio the job keeps. No FastAPI and
+no Serve here; what the pipeline needs from the outside is passed in:
 - `Scan`: the Scanner deployment (clamd, sniff, capped streamed decode into the spool);
 - `Align`: the Aligner deployment (one job: one window's audio and its units);
 - `Ledger`: the caller's account and audit trail (serve_app.api.gate binds one to a caller).
 Both calls answer 503 problems themselves when the deployment is down, saturated or slow.
 
 Rendering (JSON, SRT, WebVTT, TextGrid: serve_app.text.formats) stays at the front door: the
-pipeline's result is the words, which a job will store once and render in whatever format it is
+pipeline's result is the words, which a job stores once and renders in whatever format it is
 fetched in.
 
 Large data stays on disk: the upload is a spool file (read by the scanner, removed once scanned)

@@ -59,6 +59,18 @@ def _align_ms(client: httpx.Client, audio: bytes, text: str) -> float:
     return (time.perf_counter() - started) * 1000
 
 
+def _post_align(client: httpx.Client, audio: bytes, text: str) -> dict:
+    """POST /v1/align as a client must: 503 and 429 are waited out (Retry-After)."""
+    for _ in range(50):
+        response = client.post("/v1/align", files={"audio": ("clip.wav", audio, "audio/wav")}, data={"text": text})
+        if response.status_code == 200:
+            return response.json()
+        if response.status_code not in (429, 503):
+            raise RuntimeError(f"/v1/align: {response.status_code} {response.text[:200]}")
+        time.sleep(float(response.headers.get("retry-after", "1")))
+    raise RuntimeError("/v1/align: still refused")
+
+
 def _submit(client: httpx.Client, audio, text: str, filename: str = "clip.wav") -> tuple[str, int]:
     """The job id, and how many times the submission had to be retried (503/429 with Retry-After)."""
     retries = 0
@@ -181,8 +193,7 @@ def main() -> int:
         clips = _clips()
         expected = {}
         for name, audio, text in clips:
-            response = client.post("/v1/align", files={"audio": ("clip.wav", audio, "audio/wav")}, data={"text": text})
-            expected[name] = _words(response.json())
+            expected[name] = _words(_post_align(client, audio, text))
         started = time.monotonic()
 
         def one(index: int) -> tuple[bool, int]:

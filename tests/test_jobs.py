@@ -14,6 +14,7 @@ import signal
 import time
 
 import httpx
+import psutil
 import numpy as np
 import pytest
 from ray import serve
@@ -314,3 +315,31 @@ def test_ready_reports_the_job_queue(serve_url, client, admin_key):
     with admin:
         checks = admin.get("/v1/admin/dependencies").json()["checks"]
     assert checks["jobs"]["status"] == "ready" and "queued" in checks["jobs"]["detail"]
+
+
+def test_a_job_survives_its_ingress_replicas_being_killed(client, recording_5min):
+    recording, flac = recording_5min
+    job = submit(client, flac, recording.transcript).json()
+    assert wait_for(client, job["id"], {"running"} | TERMINAL)["status"] == "running"
+    ingresses = [process for process in psutil.process_iter(["cmdline"]) if any("ServeReplica:aligner:Ingress" in part for part in process.info["cmdline"] or [])]
+    assert ingresses
+    for process in ingresses:  # every one: Serve starts new replicas; the job does not need them
+        process.kill()
+    deadline = time.monotonic() + 180
+    while True:  # the proxy answers 503 until a new ingress replica runs
+        response = client.get(f"/v1/jobs/{job['id']}")
+        if response.status_code == 200 and response.json()["status"] in TERMINAL:
+            break
+        assert response.status_code in (200, 502, 503) and time.monotonic() < deadline, response.text
+        time.sleep(0.5)
+    assert response.json()["status"] == "succeeded"
+    assert _ready_again(client)
+
+
+def _ready_again(client, timeout_s: float = 120.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if client.get("/v1/ready").status_code == 200:
+            return True
+        time.sleep(1)
+    return False

@@ -292,6 +292,10 @@ class JobRunnerOptions(_Strict):
     """Live knobs of the job runner: how many jobs it runs, how it retries, when it gives up."""
 
     max_running_jobs: int = Field(2, ge=1, le=64, description="Jobs one runner replica works on at once.")
+    max_running_per_owner: int = Field(
+        1, ge=1, le=1000, description="Jobs one principal may have running at once, all runners together: the rest wait, so "
+        "others' jobs get the remaining runner slots (fair share)."
+    )
     refine_concurrency: int = Field(
         2, ge=1, le=64, description="Window jobs in flight per running job besides its locating window: jobs leave "
         "aligner capacity to POST /v1/align."

@@ -58,7 +58,7 @@ class Harness:
     def spool_files(self) -> list[str]:
         return sorted(path.name for path in self.spool_dir.iterdir())
 
-    def new_job(self, owner: str = "api_key:alice", retain_s: float = 60.0) -> NewJob:
+    def new_job(self, owner: str = "api_key:alice", retain_s: float = 60.0, text: str = TEXT) -> NewJob:
         samples = (np.random.default_rng(0).standard_normal(round(SECONDS * SAMPLE_RATE)) * 3000).astype("<i2")
         with self.spool.writer("pcm") as writer:
             writer.write(samples)
@@ -68,7 +68,7 @@ class Harness:
             envelope = writer.commit()
         return NewJob(
             id=new_job_id(), owner=owner, principal_id=owner.split(":")[1], created_at=time.time(), language="English",
-            format="json", transcript=TEXT, duration=SECONDS, pcm_path=pcm.path, envelope_path=envelope.path,
+            format="json", transcript=text, duration=SECONDS, pcm_path=pcm.path, envelope_path=envelope.path,
             audio_bucket=(3600.0, 1.0), retain_s=retain_s,
         )  # fmt: skip
 
@@ -266,3 +266,25 @@ async def test_ended_jobs_expire_after_their_retention_with_an_audit_line(harnes
     assert await harness.store.list(job.owner, before=None, limit=10, status=None, now=time.time()) == ([], None)
     lines = [json.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
     assert any(line["decision"] == "expired" and line["job_id"] == job.id for line in lines)
+
+
+@pytest.mark.asyncio
+async def test_one_owners_long_jobs_leave_a_runner_slot_to_anothers_short_job(harness):
+    long_jobs = [harness.new_job(owner="api_key:hog") for _ in range(3)]
+    short = harness.new_job(owner="api_key:bob", text="a short one")
+    for job in (*long_jobs, short):  # bob's job is queued last
+        await harness.store.submit(job, 10, None)
+
+    class LongForTheHog(EvenAligner):
+        async def __call__(self, job: AlignmentJob) -> list[UnitTiming]:
+            self.delay_s = 30.0 if job.units == tuple(TEXT.split()) else 0.0
+            return await super().__call__(job)
+
+    tasks = await _running(harness.runner(LongForTheHog(), max_running_jobs=2, max_running_per_owner=1).run())
+    try:
+        record = await harness.wait_status(short.id, {"succeeded"}, timeout_s=10)
+        states = [(await harness.store.get(job.id, time.time())).status for job in long_jobs]
+    finally:
+        await _stop(tasks)
+    assert record.status == "succeeded"
+    assert states.count("running") == 1 and states.count("queued") == 2  # the hog runs one at a time

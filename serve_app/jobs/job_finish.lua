@@ -2,6 +2,7 @@
 --
 -- KEYS[1] the job hash  KEYS[2] the result  KEYS[3] the owner's active set
 -- KEYS[4] the jobs-by-state counters  KEYS[5] the expiry index (sorted set: expires_at -> id)
+-- KEYS[6] the owner's running set
 -- ARGV[1] job id  ARGV[2] terminal status  ARGV[3] attempt that must be current, or "" for any
 --         (cancellation)  ARGV[4] now (epoch s)  ARGV[5] result, or ""  ARGV[6] error problem
 --         JSON, or ""  ARGV[7] hard TTL (s) of the keys, past their expiry (a backstop when no
@@ -28,6 +29,7 @@ if ARGV[5] ~= "" then
 end
 redis.call("HDEL", KEYS[1], "transcript")  -- the job no longer needs it
 redis.call("SREM", KEYS[3], ARGV[1])
+redis.call("SREM", KEYS[6], ARGV[1])
 redis.call("HINCRBY", KEYS[4], status, -1)
 redis.call("ZADD", KEYS[5], expires_at, ARGV[1])
 local ttl = math.ceil(retain + tonumber(ARGV[7]))

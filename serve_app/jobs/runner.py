@@ -12,7 +12,9 @@ window is an ordinary call to the Aligner deployment, whose batching stays the o
 One job, read top to bottom (`_run_entry`):
   1. start an attempt (queued or redelivered running -> running, attempt + 1: serve_app.jobs.store);
      a job already ended or deleted is acknowledged and dropped; one past `max_attempts` deliveries,
-     or past its run deadline, is failed;
+     or past its run deadline, is failed; one whose owner already has `max_running_per_owner` jobs
+     running is queued again at the back, so one principal's folder of long files never holds
+     every runner while another's short job waits;
   2. align the job's decoded audio (the spool's jobs/ directory) in windows, writing progress at
      most every `progress_interval_s`, while a heartbeat renews the stream claim every lease/3 and
      watches for a cancellation (which stops the work at once);
@@ -46,7 +48,7 @@ import numpy as np
 
 from deployments.backends.base import SAMPLE_RATE, AlignmentJob, BackendFailed, BackendInfo, JobOutcome
 from serve_app import metrics
-from serve_app.jobs.store import Ended, Finished, JobRecord, JobStore, Started
+from serve_app.jobs.store import Deferred, Ended, Finished, JobRecord, JobStore, Started
 from serve_app.media import DecodedAudio
 from serve_app.media.spool import Spool
 from serve_app.pipeline.alignment import Align, Alignment, AudioAligner, WindowProgress
@@ -61,6 +63,7 @@ logger = logging.getLogger("ray.serve")
 _T = TypeVar("_T")
 _MAX_BACKOFF_S = 30.0
 _BLOCK_MS = 1000  # one XREADGROUP waits this long for a new entry
+_DEFER_PAUSE_S = 0.5  # after queueing a job again: a queue of one owner's jobs is not read in a tight loop
 
 
 Refund = Callable[[JobRecord], Awaitable[bool]]
@@ -187,7 +190,13 @@ class JobRunner:
 
     async def _run_entry(self, entry_id: str, job_id: str) -> None:
         now = time.time()
-        started = await self._retrying(lambda: self._store.start(job_id, self._consumer, now, self.options.max_attempts), "starting a job")
+        started = await self._retrying(
+            lambda: self._store.start(job_id, self._consumer, now, self.options.max_attempts, self.options.max_running_per_owner), "starting a job"
+        )
+        if isinstance(started, Deferred):  # its owner runs its share already: others' jobs go first
+            await self._retrying(lambda: self._store.requeue(entry_id, job_id), "queueing a job again")
+            await asyncio.sleep(_DEFER_PAUSE_S)
+            return
         if isinstance(started, Ended):
             await self._retrying(lambda: self._store.acknowledge(entry_id), "acknowledging a job")
             return

@@ -5,6 +5,7 @@ Keys (under a namespace, "aligner:<Serve application>"):
     {ns}:job:{id}:result             the words of a succeeded job (JSON), rendered when fetched
     {ns}:jobs:owner:{owner}          sorted set, sequence -> id: the owner's jobs, newest last
     {ns}:jobs:active:{owner}         set: the owner's queued and running jobs (the plan's cap)
+    {ns}:jobs:running:{owner}        set: the owner's running jobs (the runners' fair share)
     {ns}:jobs:sequence:{owner}       counter: a total order of the owner's submissions (cursors)
     {ns}:jobs:idempotency:{owner}:{sha256(key)}   "job id|fingerprint" of an Idempotency-Key
     {ns}:jobs:queue                  stream: one entry per job to run; consumer group "runners"
@@ -167,6 +168,11 @@ class Ended:
 
 
 @dataclass(frozen=True)
+class Deferred:
+    """Its owner already runs its share of jobs: queued again, behind everyone else's."""
+
+
+@dataclass(frozen=True)
 class Finished:
     previous: str  # the status it ended from: "queued" means it never ran
 
@@ -195,6 +201,9 @@ class JobStore:
 
     def _active(self, owner: str) -> str:
         return f"{self._namespace}:jobs:active:{owner}"
+
+    def _running(self, owner: str) -> str:
+        return f"{self._namespace}:jobs:running:{owner}"
 
     def _sequence(self, owner: str) -> str:
         return f"{self._namespace}:jobs:sequence:{owner}"
@@ -364,17 +373,32 @@ class JobStore:
             pipe.xdel(self.queue, entry_id)
             await pipe.execute()
 
-    async def start(self, job_id: str, consumer: str, now: float, max_attempts: int) -> Started | Ended | int:
-        """Begin an attempt: Started, Ended (nothing to do), or the attempt number when attempts ran out."""
-        outcome, *rest = await self._start(keys=[self._job_key(job_id), self._states], args=[consumer, repr(now), max_attempts])
+    async def start(self, job_id: str, consumer: str, now: float, max_attempts: int, max_running_per_owner: int) -> Started | Ended | Deferred | int:
+        """Begin an attempt: Started, Ended (nothing to do), Deferred, or the attempt number when attempts ran out."""
+        owner = await self.redis.hget(self._job_key(job_id), "owner")
+        if owner is None:
+            return Ended("gone")
+        outcome, *rest = await self._start(
+            keys=[self._job_key(job_id), self._states, self._running(owner)], args=[consumer, repr(now), max_attempts, job_id, max_running_per_owner]
+        )
         if outcome in ("gone", "done"):
             return Ended(rest[0] if rest else "gone")
+        if outcome == "deferred":
+            return Deferred()
         if outcome == "exhausted":
             return int(rest[0])
         record = await self.get(job_id, now)
         if record is None:
             return Ended("gone")
         return Started(int(rest[0]), record)
+
+    async def requeue(self, entry_id: str, job_id: str) -> None:
+        """Put a deferred job at the back of the stream (a new entry) and drop its old entry."""
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.xadd(self.queue, {"job": job_id})
+            pipe.xack(self.queue, GROUP, entry_id)
+            pipe.xdel(self.queue, entry_id)
+            await pipe.execute()
 
     async def transcript(self, job_id: str) -> str | None:
         return await self.redis.hget(self._job_key(job_id), "transcript")
@@ -404,7 +428,7 @@ class JobStore:
             if owner is None:
                 return Ended("gone")
         ended, previous = await self._finish(
-            keys=[self._job_key(job_id), self._result_key(job_id), self._active(owner), self._states, self._expiring],
+            keys=[self._job_key(job_id), self._result_key(job_id), self._active(owner), self._states, self._expiring, self._running(owner)],
             args=[
                 job_id, status, "" if attempt is None else attempt, repr(now),
                 json.dumps(result, separators=(",", ":")) if result is not None else "",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 
 import numpy as np
@@ -21,6 +22,7 @@ from serve_app.jobs.store import FOREIGN, AtCap, Created, Ended, Finished, JobSt
 from serve_app.media.spool import Spool
 from serve_app.pipeline.alignment import AudioAligner
 from serve_app.problems import unavailable
+from serve_app.security.audit import LOGGER_NAME as AUDIT_LOGGER
 from serve_app.security.audit import AuditLog
 from serve_app.security.redis_store import redis_client
 from serve_app.settings import JobRunnerOptions
@@ -97,6 +99,22 @@ class Harness:
 @pytest.fixture
 def harness(private_redis_server, tmp_path):
     return Harness(private_redis_server.url, tmp_path / "jobs", tmp_path / "audit.jsonl")
+
+
+@pytest.fixture
+def audit_lines():
+    """The audit lines written while the test runs (the audit logger is one per process, its file
+    the first AuditLog's: a handler of our own sees every line)."""
+    lines: list[dict] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append(json.loads(record.getMessage()))
+
+    handler = Collect()
+    logging.getLogger(AUDIT_LOGGER).addHandler(handler)
+    yield lines
+    logging.getLogger(AUDIT_LOGGER).removeHandler(handler)
 
 
 async def _running(*coroutines):
@@ -251,7 +269,7 @@ async def test_redis_restarting_mid_job_loses_nothing(harness, private_redis_ser
 
 
 @pytest.mark.asyncio
-async def test_ended_jobs_expire_after_their_retention_with_an_audit_line(harness, tmp_path):
+async def test_ended_jobs_expire_after_their_retention_with_an_audit_line(harness, audit_lines):
     job = harness.new_job(retain_s=0.5)
     await harness.store.submit(job, 10, None)
     runner = harness.runner(EvenAligner())
@@ -264,8 +282,7 @@ async def test_ended_jobs_expire_after_their_retention_with_an_audit_line(harnes
     assert await harness.store.get(job.id, time.time()) is None
     assert not await harness.redis.exists(f"test:job:{job.id}", f"test:job:{job.id}:result")
     assert await harness.store.list(job.owner, before=None, limit=10, status=None, now=time.time()) == ([], None)
-    lines = [json.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
-    assert any(line["decision"] == "expired" and line["job_id"] == job.id for line in lines)
+    assert any(line["decision"] == "expired" and line["job_id"] == job.id for line in audit_lines)
 
 
 @pytest.mark.asyncio

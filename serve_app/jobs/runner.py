@@ -152,12 +152,16 @@ class JobRunner:
     async def run(self) -> None:
         """Take jobs forever, at most `max_running_jobs` at once."""
         await self._retrying(self._store.ensure_group, "creating the consumer group")
-        while True:
-            await self._slots.acquire()
-            entry = await self._retrying(self._next_entry, "reading the job stream")
-            task = asyncio.create_task(self._run_entry(*entry))
-            self._running.add(task)
-            task.add_done_callback(self._finished)
+        try:
+            while True:
+                await self._slots.acquire()
+                entry = await self._retrying(self._next_entry, "reading the job stream")
+                task = asyncio.create_task(self._run_entry(*entry))
+                self._running.add(task)
+                task.add_done_callback(self._finished)
+        finally:  # stopped (the replica shuts down): its jobs stay pending in the stream, for redelivery
+            for task in list(self._running):
+                task.cancel()
 
     def _finished(self, task: asyncio.Task) -> None:
         self._running.discard(task)

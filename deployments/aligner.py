@@ -98,8 +98,9 @@ class Aligner:
     def reconfigure(self, user_config: dict) -> None:
         options = AlignerOptions.model_validate(user_config)
         self._unhealthy_after_failures = options.unhealthy_after_failures
+        self._align_batch.set_max_batch_size(options.max_batch_size)
+        self._align_background_batch.set_max_batch_size(options.max_background_batch_size)
         for batch in (self._align_batch, self._align_background_batch):
-            batch.set_max_batch_size(options.max_batch_size)
             batch.set_batch_wait_timeout_s(options.batch_wait_timeout_s)
         self._capacity = 2 * options.max_batch_size  # one batch running, one filling
 

@@ -67,12 +67,12 @@ def test_ready_is_open_and_the_dependency_report_names_the_loaded_backend(anonym
     response = wait_for_readiness(anonymous, prefix, 200)
     report = anonymous.get(f"{prefix}/v1/admin/dependencies", headers={"Authorization": f"Bearer {admin_key}"})
     assert response.status_code == 200, report.text
-    assert response.json() == {"status": "ready"}  # nothing more for a load balancer
+    assert response.json() == {"status": "ready", "jobs": "ready"}  # nothing more for a load balancer
     assert report.status_code == 200, report.text
     body = report.json()
     assert body["status"] == "ready"
     assert body["backend"] == backend
-    assert {name: check["status"] for name, check in body["checks"].items()} == dict.fromkeys(("scanner", "clamd", "aligner", "redis"), "ready")
+    assert {name: check["status"] for name, check in body["checks"].items()} == dict.fromkeys(("scanner", "clamd", "aligner", "redis", "jobs"), "ready")
     assert 0 <= body["age_s"] < 10
 
 

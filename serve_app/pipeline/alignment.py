@@ -131,8 +131,7 @@ class AudioAligner:
 
     async def align(self, audio: DecodedAudio, transcript: Transcript, progress: Progress | None = None) -> Alignment:
         """Align checked, charged audio; `progress` hears of each window aligned. Leaves the PCM in place."""
-        with metrics.timed("align"):  # the whole alignment, however many jobs it took
-            spans = await self._aligned(audio, transcript, progress or _no_progress)
+        spans = await self._aligned(audio, transcript, progress or _no_progress)
         metrics.AUDIO_SECONDS.inc(audio.duration_seconds, tags={"backend": self.backend.name})
         words = word_timings(transcript, spans, audio.duration_seconds)
         return Alignment(words=words, duration=audio.duration_seconds)
@@ -179,7 +178,8 @@ class AlignmentPipeline:
         audio = await self.intake(request, ledger)
         try:
             try:
-                return await self.aligner.align(audio, request.transcript)
+                with metrics.timed("align"):  # a request's stage: the whole alignment, however many windows it took
+                    return await self.aligner.align(audio, request.transcript)
             except Exception as failure:
                 if not isinstance(failure, Problem) or failure.type.status >= 500:
                     await ledger.refund_audio(audio.duration_seconds)

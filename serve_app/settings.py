@@ -318,8 +318,8 @@ class AlignerOptions(_Strict):
     max_batch_size: int = Field(8, ge=1, le=64)
     batch_wait_timeout_s: float = Field(0.05, ge=0, le=5)
     max_background_batch_size: int = Field(
-        1, ge=1, le=64, description="Job windows per background batch: a request's batch waits for at most the one "
-        "running, so small keeps POST /v1/align fast while a job runs (a GPU backend gains from more)."
+        8, ge=1, le=64, description="Job windows per background batch (a request's batch waits for the one running, "
+        "never for queued ones)."
     )
     unhealthy_after_failures: int = Field(
         5, ge=1, description="Jobs in a row the backend fails on before the health check runs a probe inference "

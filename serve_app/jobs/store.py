@@ -136,6 +136,12 @@ class Foreign:
 FOREIGN = Foreign()
 
 
+def _unexpired(job_id: str, fields: dict[str, str], now: float) -> JobRecord | None:
+    """The record of a job hash, or None once its retention is over (the sweep may not have run yet)."""
+    record = JobRecord.from_hash(job_id, fields)
+    return None if record.expires_at is not None and record.expires_at <= now else record
+
+
 @dataclass(frozen=True)
 class Created:
     sequence: int
@@ -273,8 +279,8 @@ class JobStore:
         fields = await self.redis.hgetall(self._job_key(job_id))
         if not fields or "owner" not in fields:
             return None
-        record = JobRecord.from_hash(job_id, fields)
-        if record.expires_at is not None and record.expires_at <= now:
+        record = _unexpired(job_id, fields, now)
+        if record is None:
             return None
         if owner is not None and not hmac.compare_digest(fields["owner"], owner):
             return FOREIGN
@@ -311,10 +317,8 @@ class JobStore:
                 if not fields or "owner" not in fields:
                     gone.append(job_id)
                     continue
-                record = JobRecord.from_hash(job_id, fields)
-                if record.expires_at is not None and record.expires_at <= now:
-                    continue
-                if status is None or record.status == status:
+                record = _unexpired(job_id, fields, now)
+                if record is not None and (status is None or record.status == status):
                     found.append(record)
                     if len(found) == limit:
                         break

@@ -22,6 +22,7 @@ cache), SCRIPT LOADs the text and retries.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from importlib import resources
 
@@ -38,6 +39,18 @@ from serve_app.settings import RedisSentinel
 # What a failed store call raises: unreachable, timed out, pool exhausted, or an error reply
 # (OOM, READONLY, LOADING...). Callers apply their failure policy to all of them and count it.
 STORE_ERRORS = (RedisError, OSError)
+
+
+def stop_if_cancelled() -> None:
+    """Raise CancelledError if the running task has been cancelled.
+
+    redis-py (8.1) can complete a command normally on a task that was cancelled while the command
+    ran (seen under load, a few times in a hundred: tests/test_job_runner.py): the cancellation is
+    lost. A loop around store calls checks this after each one, or it outlives its cancellation
+    for good (a runner that never stops, a test run that never ends)."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
 
 
 def request_path_client(

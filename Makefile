@@ -26,6 +26,7 @@ SERVICES := var/services
 PEPPER := var/api-key-pepper
 DEV_KEY := var/dev-api-key
 SAMPLE_TEXT := The quick brown fox jumps over the lazy dog while the band plays on.
+SAMPLE_TEXT_FILE := var/sample.txt
 
 .PHONY: serve test venv system-deps sample services stop-services clean
 
@@ -36,13 +37,15 @@ system-deps:
 		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing; \
 	fi
 
-$(VENV)/.installed: pyproject.toml constraints.txt
+$(VENV)/.installed: pyproject.toml client/pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	# The CPU build of torch first (a plain `torch` requirement would pull a multi-GB CUDA build).
 	$(PIP) install -q torch==2.13.0
 	# constraints.txt: the versions the tests passed with, so a fresh install resolves to them.
 	$(PIP) install -q -e ".[qwen3,test]" -c constraints.txt
+	# The client and its forced-align command: a distribution of its own (client/pyproject.toml).
+	$(PIP) install -q -e ./client -c constraints.txt
 	touch $@
 
 venv: $(VENV)/.installed
@@ -51,7 +54,11 @@ $(SAMPLE): | system-deps
 	mkdir -p $(dir $@)
 	espeak-ng -v en-us -s 140 -w $@ "$(SAMPLE_TEXT)"
 
-sample: $(SAMPLE)
+$(SAMPLE_TEXT_FILE):
+	mkdir -p $(dir $@)
+	printf '%s\n' "$(SAMPLE_TEXT)" > $@
+
+sample: $(SAMPLE) $(SAMPLE_TEXT_FILE)
 
 # Where the service finds its dependencies and its one secret (serve_app.settings.Environment).
 export ALIGNER_REDIS_URL := redis://127.0.0.1:6380/0
@@ -79,6 +86,8 @@ serve: venv system-deps sample $(PEPPER) services $(DEV_KEY)
 	@echo
 	@echo "  Starting the API on http://127.0.0.1:8000 (ready in ~30 s). Try:"
 	@echo "    curl -s -H \"Authorization: Bearer \$$(cat $(DEV_KEY))\" -F audio=@$(SAMPLE) -F 'text=$(SAMPLE_TEXT)' http://127.0.0.1:8000/v1/align"
+	@echo "  Or with the client (client/, installed in $(VENV)):"
+	@echo "    FORCED_ALIGNER_API_KEY=\$$(cat $(DEV_KEY)) $(VENV)/bin/forced-align $(SAMPLE) --text $(SAMPLE_TEXT_FILE) --format srt"
 	@echo "  Docs: http://127.0.0.1:8000/v1/docs   Readiness: http://127.0.0.1:8000/v1/ready   Ray dashboard: http://127.0.0.1:8265"
 	@echo "  Local dev key (align + admin) in $(DEV_KEY); Redis and clamd keep running: make stop-services"
 	@echo

@@ -1,0 +1,1 @@
+"""The `forced-align` command line (entry point: aligner_client.cli.main:main)."""

@@ -8,7 +8,9 @@ flight) two ways, in alternating rounds so drift in the service hits both alike:
 - client: aligner_client.AsyncClient.align (the same request through the protocol operation, its
   retry policy and its typed Alignment).
 
-Reported: each side's median round time, their ratio, and the range of the per-round-pair ratios.
+Reported: each side's median round time, their ratio, and the range of the per-round-pair ratios;
+and the CPU the calling process spent per request on each side (steadier than wall time, which the
+service dominates).
 Target (exit 1 when missed): client median <= 1.05 x bare median.
 
     .venv/bin/python -m bench.client_overhead [--rounds 6] [--requests 100] [--concurrency 8]
@@ -40,17 +42,18 @@ def _clips() -> list[tuple[bytes, str]]:
     return [((EVAL_DIR / u["audio"]).read_bytes(), u["transcript"]) for u in utterances]
 
 
-async def _in_flight(concurrency: int, work: list, call) -> float:
-    """Seconds for `call(item)` over every item, `concurrency` at once."""
+async def _in_flight(concurrency: int, work: list, call) -> tuple[float, float]:
+    """Wall seconds for `call(item)` over every item, `concurrency` at once, and this process's
+    CPU seconds meanwhile (what the calling side itself spent: the service runs in other processes)."""
     slots = asyncio.Semaphore(concurrency)
 
     async def one(item) -> None:
         async with slots:
             await call(item)
 
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     await asyncio.gather(*(one(item) for item in work))
-    return time.perf_counter() - started
+    return time.perf_counter() - started, time.process_time() - cpu
 
 
 async def _rounds(url: str, key: str, arguments: argparse.Namespace) -> tuple[list[float], list[float]]:
@@ -58,6 +61,7 @@ async def _rounds(url: str, key: str, arguments: argparse.Namespace) -> tuple[li
     work = [clips[index % len(clips)] for index in range(arguments.requests)]
     limits = httpx.Limits(max_connections=arguments.concurrency)
     bare_times, client_times = [], []
+    cpu: dict[str, list[float]] = {"bare": [], "client": []}
     async with (
         httpx.AsyncClient(base_url=url, timeout=600, headers={"Authorization": f"Bearer {key}"}, limits=limits) as bare,
         AsyncClient(url, api_key=key, max_connections=arguments.concurrency) as client,
@@ -76,10 +80,13 @@ async def _rounds(url: str, key: str, arguments: argparse.Namespace) -> tuple[li
         await _in_flight(arguments.concurrency, work[:24], bare_align)  # warm-up: connections, replicas
         await _in_flight(arguments.concurrency, work[:24], client_align)
         for index in range(arguments.rounds):
-            sides = [(bare_times, bare_align), (client_times, client_align)]
-            for times, call in sides if index % 2 == 0 else reversed(sides):
-                times.append(await _in_flight(arguments.concurrency, work, call))
+            sides = [("bare", bare_times, bare_align), ("client", client_times, client_align)]
+            for name, times, call in sides if index % 2 == 0 else reversed(sides):
+                wall_s, cpu_s = await _in_flight(arguments.concurrency, work, call)
+                times.append(wall_s)
+                cpu[name].append(cpu_s * 1000 / len(work))
             print(f"round {index + 1}: bare {bare_times[-1]:.2f} s, client {client_times[-1]:.2f} s", flush=True)
+    print(f"calling process CPU per request (median of rounds): bare {statistics.median(cpu['bare']):.2f} ms, client {statistics.median(cpu['client']):.2f} ms")
     return bare_times, client_times
 
 

@@ -26,7 +26,7 @@ import pytest
 from aligner_client import Client
 from bench.long_audio import plan_recording, samples
 from deployments.backends.base import SAMPLE_RATE
-from tests.conftest import EVAL_DIR, create_api_key
+from tests.conftest import EVAL_DIR, TEST_QWEN3_JOB_RETENTION_S, create_api_key
 from tests.support.audio import encode
 from tests.support.hostile import tone_wav
 
@@ -34,6 +34,7 @@ pytestmark = pytest.mark.usefixtures("serve_url")
 
 FORCED_ALIGN = str(Path(sys.executable).parent / "forced-align")
 CLIPS = {"msajc003": "amongst her friends she was considered beautiful"}
+QWEN3 = "/qwen3"  # the tiny-checkpoint application
 LONG_SECONDS = 150.0  # over the command's 120 s: it goes as a job, with progress
 
 
@@ -127,6 +128,10 @@ def test_a_folder_of_good_and_bad_files_then_a_second_run_skips_what_was_done(se
     assert {name for name, document in by_file.items() if document["status"] == "failed"} == {"notes.mp3", "blip.wav", "orphan.wav"}
     assert documents[-1]["summary"]["done"] == 0 and documents[-1]["summary"]["skipped"] == 2
 
+    quiet = run_cli(["batch", str(audio), "--transcripts", str(texts), "--out", str(out), "--quiet"], env)
+    assert quiet.returncode == 1 and quiet.stdout == ""
+    assert sorted(line.split(":")[0] for line in quiet.stderr.splitlines()) == ["failed blip.wav", "failed notes.mp3", "failed orphan.wav"]
+
 
 def test_an_interrupted_batch_resumes_with_the_job_it_had_started(serve_url, redis_server, tmp_path, long_recording):
     audio, texts = folder_of(tmp_path, long_recording, bad=False)
@@ -149,6 +154,48 @@ def test_an_interrupted_batch_resumes_with_the_job_it_had_started(serve_url, red
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert (out / "lecture.vtt").read_text().startswith("WEBVTT") and (out / "msajc003.vtt").exists()
     assert len(jobs) == 1 and jobs[0].status == "succeeded"  # the resumed run found its job, made no second one
+
+
+def test_usage_errors_exit_2_with_a_message(serve_url, align_key, tmp_path):
+    env = cli_env(serve_url, align_key)
+    (tmp_path / "t.txt").write_text("hello")
+    for arguments, message in (
+        ([str(tmp_path / "missing.wav"), "--text", str(tmp_path / "t.txt")], "no such audio file"),
+        ([str(EVAL_DIR / "msajc003.wav"), "--text", str(tmp_path / "missing.txt")], "no transcript"),
+        (["batch", str(tmp_path), "--transcripts", str(tmp_path), "--out", str(tmp_path / "o"), "--concurrency", "0"], "--concurrency"),
+        (["batch", str(tmp_path / "nowhere"), "--transcripts", str(tmp_path), "--out", str(tmp_path / "o")], "no such folder"),
+    ):
+        refused = run_cli(arguments, env)
+        assert refused.returncode == 2 and message in refused.stderr and "Traceback" not in refused.stderr, refused.stderr
+
+
+def test_jobs_commands_list_show_fetch_and_delete(serve_url, redis_server, tmp_path):
+    key = create_api_key(redis_server, "cli-jobs", ["align"], "unlimited")
+    env = cli_env(serve_url, key)
+    with Client(serve_url, api_key=key) as client:
+        job = client.submit(EVAL_DIR / "msajc003.wav", CLIPS["msajc003"], format="vtt")
+        job.wait(poll_s=0.2, timeout_s=120)
+    listed = run_cli(["jobs", "list"], env)
+    assert listed.returncode == 0 and listed.stdout.split()[:2] == [job.id, "succeeded"]
+    shown = json.loads(run_cli(["jobs", "show", job.id, "--json"], env).stdout)
+    assert shown["id"] == job.id and shown["progress"]["audio_seconds_total"] == pytest.approx(job.info.duration)
+    fetched = run_cli(["jobs", "result", job.id, "--format", "srt", "-o", str(tmp_path / "clip.srt")], env)
+    assert fetched.returncode == 0 and (tmp_path / "clip.srt").read_text().startswith("1\n")
+    assert run_cli(["jobs", "cancel", job.id], env).stdout.strip() == f"deleted {job.id}"
+    gone = run_cli(["jobs", "show", job.id], env)
+    assert gone.returncode == 1 and "No such resource" in gone.stderr
+
+
+def test_a_rerun_after_its_first_job_expired_makes_a_new_one(serve_url, align_key, tmp_path):
+    (tmp_path / "clip.txt").write_text(CLIPS["msajc003"])
+    env = cli_env(serve_url + QWEN3, align_key)  # jobs there expire TEST_QWEN3_JOB_RETENTION_S after they end
+    arguments = [str(EVAL_DIR / "msajc003.wav"), "--text", str(tmp_path / "clip.txt"), "--mode", "job", "-o", str(tmp_path / "clip.json")]
+    assert run_cli(arguments, env).returncode == 0
+    first = json.loads((tmp_path / "clip.json").read_text())["id"]
+    time.sleep(TEST_QWEN3_JOB_RETENTION_S + 3)  # ended, then expired by the runner's sweep
+    again = run_cli(arguments, env)
+    assert again.returncode == 0, again.stderr
+    assert json.loads((tmp_path / "clip.json").read_text())["id"] != first
 
 
 def _in_a_terminal(arguments: list[str], env: dict[str, str], timeout_s: float = 240) -> tuple[int, str]:

@@ -46,7 +46,7 @@ def read_transcript(path: Path) -> str:
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise AlignerError(f"no transcript {path.name} next to it") from None
+        raise AlignerError(f"no transcript {path.name}") from None
     except UnicodeDecodeError:
         raise AlignerError(f"the transcript {path.name} is not UTF-8 text") from None
     if not text.strip():

@@ -69,14 +69,14 @@ def parsers() -> dict[str, argparse.ArgumentParser]:
     batch.add_argument("--concurrency", type=int, default=4, help="files in flight at once (default %(default)s)")
     _alignment_options(batch, "srt")
 
-    jobs = argparse.ArgumentParser(prog="forced-align jobs", parents=[common], description="Your jobs in the service.")
-    actions = jobs.add_subparsers(dest="action", required=True)
-    listing = actions.add_parser("list", help="newest first")
+    jobs = argparse.ArgumentParser(prog="forced-align jobs", description="Your jobs in the service.")
+    actions = jobs.add_subparsers(dest="action", required=True)  # each takes the common options after it
+    listing = actions.add_parser("list", parents=[common], help="newest first")
     listing.add_argument("--status", choices=("queued", "running", "succeeded", "failed", "cancelled"))
     listing.add_argument("--limit", type=int, default=20)
     for name, summary in (("show", "one job's state"), ("cancel", "cancel a queued or running job; delete an ended one")):
-        actions.add_parser(name, help=summary).add_argument("job_id")
-    result = actions.add_parser("result", help="a succeeded job's output")
+        actions.add_parser(name, parents=[common], help=summary).add_argument("job_id")
+    result = actions.add_parser("result", parents=[common], help="a succeeded job's output")
     result.add_argument("job_id")
     result.add_argument("--format", choices=FORMATS)
     result.add_argument("-o", "--output", type=Path)
@@ -102,9 +102,12 @@ def client_for(args: argparse.Namespace, connections: int) -> AsyncClient:
 
 
 async def align_one(args: argparse.Namespace) -> int:
-    transcript = sys.stdin.read() if args.text == "-" else read_transcript(Path(args.text))
     if not args.file.is_file():
         raise UsageError(f"no such audio file: {args.file}")
+    try:
+        transcript = sys.stdin.read() if args.text == "-" else read_transcript(Path(args.text))
+    except AlignerError as error:
+        raise UsageError(str(error)) from None
     to_stdout = args.output is None
     if args.json and not to_stdout:
         display: Display = JsonDisplay(1)

@@ -5,7 +5,7 @@ formats the size decides. A clip the synchronous route refuses as too long or to
 as a job. A job's Idempotency-Key is derived from what is aligned (audio bytes, transcript,
 language, format), so running the same command again (an interrupted batch resumed) finds the job
 it made before instead of making a second one; a job that ended failed on the service's side or
-cancelled is submitted afresh.
+cancelled, or one that has expired since, is submitted afresh under a new key.
 """
 
 from __future__ import annotations
@@ -110,13 +110,21 @@ async def align_file(
             seconds = result.duration if isinstance(result, Alignment) else header_seconds(path)
             return Aligned(rendered(result), seconds, None)
     key = idempotency_key(path, transcript, language, format)
-    job = await client.submit(path, transcript, language, format, idempotency_key=key)
     try:
-        await job.wait(progress=progress, poll_s=poll_s)
-    except JobFailed as failed:
-        ours = failed.job.status == "cancelled" or (failed.problem is not None and failed.problem.status >= 500)
-        if not (job.replayed and ours):
+        job = await client.submit(path, transcript, language, format, idempotency_key=key)
+    except InvalidInput as refused:
+        if refused.slug != "idempotency-key-reused":
             raise
+        job = None  # the job this key made has expired (retention): the key means nothing now
+    if job is not None:
+        try:
+            await job.wait(progress=progress, poll_s=poll_s)
+        except JobFailed as failed:
+            ours = failed.job.status == "cancelled" or (failed.problem is not None and failed.problem.status >= 500)
+            if not (job.replayed and ours):
+                raise
+            job = None  # an earlier run's job that failed on the service's side: try again
+    if job is None:
         job = await client.submit(path, transcript, language, format, idempotency_key=f"{key}-{uuid.uuid4().hex[:12]}")
         await job.wait(progress=progress, poll_s=poll_s)
     return Aligned(rendered(await job.result(format)), job.info.duration, job.id)

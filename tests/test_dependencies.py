@@ -17,7 +17,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 SCANNED = ("serve_app", "deployments", "tools", "tests", "bench")
-LOCAL = set(SCANNED)
+CLIENT = ROOT / "client"  # a distribution of its own, with its own pyproject.toml (make installs it)
+LOCAL = set(SCANNED) | {"aligner_client"}
 
 
 def _normalise(name: str) -> str:
@@ -34,33 +35,43 @@ def _imported_top_level_modules(path: Path) -> set[str]:
     return modules
 
 
-def _third_party_imports() -> dict[str, set[str]]:
+def _third_party_imports(root: Path, folders: tuple[str, ...]) -> dict[str, set[str]]:
     """Top-level module -> the files importing it, for everything neither stdlib nor ours."""
     found: dict[str, set[str]] = {}
-    for folder in SCANNED:
-        for path in (ROOT / folder).rglob("*.py"):
+    for folder in folders:
+        for path in (root / folder).rglob("*.py"):
             for module in _imported_top_level_modules(path) - LOCAL - set(sys.stdlib_module_names):
-                found.setdefault(module, set()).add(str(path.relative_to(ROOT)))
+                found.setdefault(module, set()).add(str(path.relative_to(root)))
     return found
 
 
-def _declared_distributions() -> set[str]:
-    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+def _declared_distributions(root: Path) -> set[str]:
+    project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
     requirements = list(project["dependencies"])
     for extra in project.get("optional-dependencies", {}).values():
         requirements += extra
     return {_normalise(re.match(r"[A-Za-z0-9._-]+", requirement).group()) for requirement in requirements}
 
 
-def test_every_third_party_import_is_a_declared_distribution():
+def _undeclared(root: Path, folders: tuple[str, ...]) -> dict:
     distributions = importlib.metadata.packages_distributions()
-    declared = _declared_distributions()
+    declared = _declared_distributions(root)
     undeclared = {}
-    for module, files in sorted(_third_party_imports().items()):
+    for module, files in sorted(_third_party_imports(root, folders).items()):
         providers = {_normalise(name) for name in distributions.get(module, [])}
         if not providers & declared:
             undeclared[module] = (sorted(providers) or ["<not installed>"], sorted(files)[:3])
+    return undeclared
+
+
+def test_every_third_party_import_is_a_declared_distribution():
+    undeclared = _undeclared(ROOT, SCANNED)
     assert not undeclared, f"imported but not declared in pyproject.toml: {undeclared}"
+
+
+def test_the_clients_imports_are_declared_in_its_own_pyproject():
+    undeclared = _undeclared(CLIENT, ("aligner_client",))
+    assert not undeclared, f"imported but not declared in client/pyproject.toml: {undeclared}"
 
 
 def test_the_scan_sees_imports_inside_functions_too():

@@ -64,7 +64,7 @@ def folder_of(tmp_path: Path, long_recording, bad: bool) -> tuple[Path, Path]:
     texts.mkdir()
     for stem, text in CLIPS.items():
         shutil.copy(EVAL_DIR / f"{stem}.wav", audio / f"{stem}.wav")
-        (texts / f"{stem}.txt").write_text(text)
+        (texts / f"{stem}.txt").write_text("\ufeff" + text)  # as a Windows editor saves it
     lecture, transcript = long_recording
     shutil.copy(lecture, audio / "lecture.flac")
     (texts / "lecture.txt").write_text(transcript)
@@ -74,6 +74,9 @@ def folder_of(tmp_path: Path, long_recording, bad: bool) -> tuple[Path, Path]:
         (audio / "blip.wav").write_bytes(tone_wav(0.05))  # malware would do too, but three hits ban 127.0.0.1
         (texts / "blip.txt").write_text("a blip")
         (audio / "orphan.wav").write_bytes(tone_wav(2.0))  # no transcript
+        for twin in ("dup.wav", "dup.mp3"):  # both would write dup.srt
+            (audio / twin).write_bytes(tone_wav(1.0))
+        (texts / "dup.txt").write_text("a tone")
     return audio, texts
 
 
@@ -115,8 +118,10 @@ def test_a_folder_of_good_and_bad_files_then_a_second_run_skips_what_was_done(se
     assert any(line.startswith("failed  notes.mp3: The upload is not an accepted audio format") for line in lines), lines
     assert any(line.startswith("failed  blip.wav: The audio is too short to align") for line in lines), lines
     assert any(line.startswith("failed  orphan.wav: no transcript") for line in lines), lines
-    assert lines[-1].startswith("2 done, 3 failed, 0 skipped")
+    assert sum(line.startswith("failed  dup.") and "dup.mp3 and dup.wav would both write dup.srt" in line for line in lines) == 2, lines
+    assert lines[-1].startswith("2 done, 5 failed, 0 skipped")
     assert "\x1b[" not in first.stdout + first.stderr and "━" not in first.stdout + first.stderr  # piped: no bars
+    assert "\ufeff" not in (out / "msajc003.srt").read_text() and "amongst" in (out / "msajc003.srt").read_text()
     lecture = (out / "lecture.srt").read_text()
     assert lecture.count("-->") == len(long_recording[1].split())
 
@@ -125,12 +130,12 @@ def test_a_folder_of_good_and_bad_files_then_a_second_run_skips_what_was_done(se
     documents = [json.loads(line) for line in second.stdout.splitlines()]
     by_file = {document["file"]: document for document in documents if "file" in document}
     assert {name for name, document in by_file.items() if document["status"] == "skipped"} == {"lecture.flac", "msajc003.wav"}
-    assert {name for name, document in by_file.items() if document["status"] == "failed"} == {"notes.mp3", "blip.wav", "orphan.wav"}
+    assert {name for name, document in by_file.items() if document["status"] == "failed"} == {"notes.mp3", "blip.wav", "orphan.wav", "dup.mp3", "dup.wav"}
     assert documents[-1]["summary"]["done"] == 0 and documents[-1]["summary"]["skipped"] == 2
 
     quiet = run_cli(["batch", str(audio), "--transcripts", str(texts), "--out", str(out), "--quiet"], env)
     assert quiet.returncode == 1 and quiet.stdout == ""
-    assert sorted(line.split(":")[0] for line in quiet.stderr.splitlines()) == ["failed blip.wav", "failed notes.mp3", "failed orphan.wav"]
+    assert sorted(line.split(":")[0] for line in quiet.stderr.splitlines()) == ["failed blip.wav", "failed dup.mp3", "failed dup.wav", "failed notes.mp3", "failed orphan.wav"]
 
 
 def test_an_interrupted_batch_resumes_with_the_job_it_had_started(serve_url, redis_server, tmp_path, long_recording):

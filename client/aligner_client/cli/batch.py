@@ -44,7 +44,7 @@ def why(error: Exception) -> str:
 
 def read_transcript(path: Path) -> str:
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark (Windows editors) is not text
     except FileNotFoundError:
         raise AlignerError(f"no transcript {path.name}") from None
     except UnicodeDecodeError:
@@ -64,9 +64,15 @@ async def run_batch(
     client: AsyncClient, work: list[Pair], display: Display, *, language: str | None, format: str, mode: str, concurrency: int, poll_s: float
 ) -> None:
     slots = asyncio.Semaphore(concurrency)
+    writers: dict[Path, list[str]] = {}
+    for pair in work:
+        writers.setdefault(pair.output, []).append(pair.audio.name)
 
     async def one(pair: Pair) -> None:
         name = pair.audio.name
+        if len(writers[pair.output]) > 1:  # talk.wav and talk.mp3 would both write talk.srt: neither is guessed at
+            display.failed(name, f"{' and '.join(writers[pair.output])} would both write {pair.output.name}; rename one")
+            return
         if pair.output.exists():
             display.skipped(name, f"{pair.output} exists")
             return

@@ -59,43 +59,38 @@ def _align_ms(client: httpx.Client, audio: bytes, text: str) -> float:
     return (time.perf_counter() - started) * 1000
 
 
-def _post_align(client: httpx.Client, audio: bytes, text: str) -> dict:
-    """POST /v1/align as a client must: 503 and 429 are waited out (Retry-After)."""
-    for _ in range(50):
-        response = client.post("/v1/align", files={"audio": ("clip.wav", audio, "audio/wav")}, data={"text": text})
-        if response.status_code == 200:
-            return response.json()
+def _patient(send, expected: int, what: str, attempts: int = 50) -> tuple[httpx.Response, int]:
+    """`send()` as a client must: 503 and 429 are waited out (Retry-After). The answer with the
+    `expected` status and how many retries it took; any other status is an error."""
+    for retries in range(attempts):
+        response = send()
+        if response.status_code == expected:
+            return response, retries
         if response.status_code not in (429, 503):
-            raise RuntimeError(f"/v1/align: {response.status_code} {response.text[:200]}")
+            raise RuntimeError(f"{what}: {response.status_code} {response.text[:200]}")
         time.sleep(float(response.headers.get("retry-after", "1")))
-    raise RuntimeError("/v1/align: still refused")
+    raise RuntimeError(f"{what}: still refused after {attempts} tries")
+
+
+def _post_align(client: httpx.Client, audio: bytes, text: str) -> dict:
+    files = {"audio": ("clip.wav", audio, "audio/wav")}
+    return _patient(lambda: client.post("/v1/align", files=files, data={"text": text}), 200, "/v1/align")[0].json()
 
 
 def _submit(client: httpx.Client, audio, text: str, filename: str = "clip.wav") -> tuple[str, int]:
     """The job id, and how many times the submission had to be retried (503/429 with Retry-After)."""
-    retries = 0
-    while True:
+
+    def send() -> httpx.Response:
         if hasattr(audio, "seek"):
             audio.seek(0)
-        response = client.post("/v1/jobs", files={"audio": (filename, audio, "audio/wav")}, data={"text": text})
-        if response.status_code == 202:
-            return response.json()["id"], retries
-        if response.status_code not in (429, 503) or retries >= 20:
-            raise RuntimeError(f"/v1/jobs: {response.status_code} {response.text[:200]}")
-        retries += 1
-        time.sleep(float(response.headers.get("retry-after", "1")))
+        return client.post("/v1/jobs", files={"audio": (filename, audio, "audio/wav")}, data={"text": text})
+
+    response, retries = _patient(send, 202, "/v1/jobs", attempts=21)
+    return response.json()["id"], retries
 
 
 def _get(client: httpx.Client, path: str, **params) -> dict:
-    """GET as a client must: 503 and 429 are waited out (Retry-After), anything else but 200 is an error."""
-    for _ in range(50):
-        response = client.get(path, params=params)
-        if response.status_code == 200:
-            return response.json()
-        if response.status_code not in (429, 503):
-            raise RuntimeError(f"GET {path}: {response.status_code} {response.text[:200]}")
-        time.sleep(float(response.headers.get("retry-after", "1")))
-    raise RuntimeError(f"GET {path}: still refused")
+    return _patient(lambda: client.get(path, params=params), 200, f"GET {path}")[0].json()
 
 
 def _wait(client: httpx.Client, job_id: str, poll_s: float, timeout_s: float, seen: list | None = None) -> dict:

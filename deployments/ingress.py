@@ -79,7 +79,6 @@ from serve_app.pipeline.alignment import Alignment, AlignmentPipeline, Alignment
 from serve_app.security.audit import AuditLog
 from serve_app.security.concurrency import ConcurrencyCapReached
 from serve_app.security.ratelimit_headers import rate_limit_headers
-from serve_app.security.redis_store import stop_if_cancelled
 from serve_app.security.shedding import LoadSample
 from serve_app.settings import Environment, IngressOptions, LongFormLimits
 from serve_app.text.transcript import Transcript, TranscriptRejected, parse_transcript
@@ -493,7 +492,6 @@ class Ingress:
                         metrics.DEPENDENCY_UP.set(1 if check.status == "ready" else 0, tags={"dependency": name})
             except Exception as error:  # a dead task would leave /v1/ready unavailable for good: log, go on
                 logger.error("dependency probe failed: %s", type(error).__name__)
-            stop_if_cancelled()  # its Redis ping can lose the replica's cancellation
             await asyncio.sleep(_DEPENDENCY_PROBE_INTERVAL_S)
 
     async def _check_dependencies(self) -> DependencyReport:

@@ -30,7 +30,7 @@ from serve_app.media.spool import Spool
 from serve_app.pipeline.alignment import AudioAligner
 from serve_app.security.audit import AuditLog
 from serve_app.security.ratelimit import AUDIO_SECONDS_POLICY, TokenBucketLimiter
-from serve_app.security.redis_store import STORE_ERRORS, redis_client, stop_if_cancelled
+from serve_app.security.redis_store import STORE_ERRORS, redis_client
 from serve_app.settings import Environment, JobRunnerOptions
 
 logger = logging.getLogger("ray.serve")
@@ -129,5 +129,4 @@ class JobRunner:
                 metrics.JOB_QUEUE_DEPTH.set(await self._store.queue_depth())
             except STORE_ERRORS:
                 pass  # the gauges go stale and disappear: Redis down reads as no data, not as zero
-            stop_if_cancelled()
             await asyncio.sleep(_GAUGE_INTERVAL_S)

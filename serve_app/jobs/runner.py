@@ -33,8 +33,8 @@ Failure policy:
   submission; a failure of the input (4xx: the transcript does not match the audio) keeps them;
 - nothing raised here ends the loop: an unexpected error in one job fails that job (500, logged by
   type, never a traceback in the job document);
-- a cancelled runner (its replica stopping) stops: every loop around store calls checks its own
-  cancellation after each call, which redis-py can lose (redis_store.stop_if_cancelled).
+- a cancelled runner (its replica stopping) stops: the store's client never returns from a command
+  on a cancelled task, which redis-py alone can (redis_store.stop_if_cancelled).
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ from serve_app.media.spool import Spool
 from serve_app.pipeline.alignment import Align, Alignment, AudioAligner, WindowProgress
 from serve_app.problems import Problem, problem_body
 from serve_app.security.audit import AuditContext, AuditLog
-from serve_app.security.redis_store import STORE_ERRORS, stop_if_cancelled
+from serve_app.security.redis_store import STORE_ERRORS
 from serve_app.settings import JobRunnerOptions
 from serve_app.text.transcript import TranscriptRejected, parse_transcript
 
@@ -176,7 +176,6 @@ class JobRunner:
             entry = await self._store.claim_abandoned(self._consumer, int(self.options.lease_s * 1000))
             if entry is None:
                 entry = await self._store.next_entry(self._consumer, _BLOCK_MS)
-            stop_if_cancelled()
             if entry is not None:
                 return entry
 
@@ -191,7 +190,6 @@ class JobRunner:
                         self._audit.record(AuditContext("-", "-", "job-runner", None), "job", "expired", "retention", job_id=job_id)
             except STORE_ERRORS as error:
                 logger.warning("job expiry sweep: Redis failed (%s); retrying later", type(error).__name__)
-            stop_if_cancelled()
             await asyncio.sleep(self.options.expiry_sweep_s)
 
     # -- one job ---------------------------------------------------------------------------------
@@ -272,7 +270,6 @@ class JobRunner:
                 )
             except STORE_ERRORS:  # progress is best effort; the result is not
                 pass
-            stop_if_cancelled()
 
         aligner = await self._aligner()
         return result_document(await aligner.align(audio, transcript, progress), aligner.backend)
@@ -285,9 +282,7 @@ class JobRunner:
                 await self._store.keep_claimed(self._consumer, entry_id)
                 status, current = await self._store.status(job_id)
             except STORE_ERRORS:
-                stop_if_cancelled()
                 continue  # Redis away: the work goes on; the attempt fence settles any redelivery
-            stop_if_cancelled()
             if status != "running" or current != attempt:
                 stopped.append(status or "gone")
                 work.cancel()
@@ -325,12 +320,8 @@ class JobRunner:
         backoff = self.options.retry_backoff_s
         while True:
             try:
-                answer = await call()
+                return await call()
             except STORE_ERRORS as error:
-                stop_if_cancelled()
                 logger.warning("job runner: Redis failed while %s (%s); retrying in %.0f s", what, type(error).__name__, backoff)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, _MAX_BACKOFF_S)
-                continue
-            stop_if_cancelled()
-            return answer

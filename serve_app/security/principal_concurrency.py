@@ -23,7 +23,7 @@ from typing import AsyncIterator
 
 from redis.asyncio import Redis
 
-from serve_app.security.redis_store import STORE_ERRORS, StoreHealth, load_script, stop_if_cancelled
+from serve_app.security.redis_store import STORE_ERRORS, StoreHealth, load_script
 
 logger = logging.getLogger(__name__)
 
@@ -81,7 +81,6 @@ class PrincipalConcurrency:
                 await self._call(key, "renew", lease)
             except STORE_ERRORS as error:
                 self.store_health.failed(error, "leases expire by themselves")
-            stop_if_cancelled()  # a renewer outliving its request would hold the slot for good
 
     async def _call(self, key: str, op: str, lease: str, limit: int = 0) -> tuple[bool, int]:
         granted, held = await self._script(keys=[key], args=[op, lease, limit, int(self.lease_s * 1000)])

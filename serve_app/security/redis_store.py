@@ -46,8 +46,8 @@ def stop_if_cancelled() -> None:
 
     redis-py (8.1) can complete a command normally on a task that was cancelled while the command
     ran (seen under load, a few times in a hundred: tests/test_job_runner.py): the cancellation is
-    lost. A loop around store calls checks this after each one, or it outlives its cancellation
-    for good (a runner that never stops, a test run that never ends)."""
+    lost, and a loop around store calls outlives it for good (a runner that never stops, a test run
+    that never ends). The clients made here check it after every command (_Client)."""
     task = asyncio.current_task()
     if task is not None and task.cancelling():
         raise asyncio.CancelledError
@@ -76,7 +76,7 @@ def redis_client(url: str, sentinel: RedisSentinel | None, *, timeout_s: float, 
         decode_responses=True,
     )
     if sentinel is None:
-        return Redis.from_pool(BlockingConnectionPool.from_url(url, **settings))
+        return _Client.from_pool(BlockingConnectionPool.from_url(url, **settings))
     # The URL still says who we are on the master (username, password, database), not where it is.
     identity = {name: value for name, value in parse_url(url).items() if name in ("username", "password", "db")}
     sentinels = Sentinel(
@@ -96,7 +96,17 @@ class _BlockingSentinelPool(SentinelConnectionPool, BlockingConnectionPool):
     """Sentinel's master discovery with the blocking pool's bounded wait for a free connection."""
 
 
-class _SentinelMasterClient(Redis):
+class _Client(Redis):
+    """redis-py's client, but a command never returns on a task cancelled while it ran
+    (stop_if_cancelled): every loop around store calls stops when its task is cancelled."""
+
+    async def execute_command(self, *args, **options):
+        answer = await super().execute_command(*args, **options)
+        stop_if_cancelled()
+        return answer
+
+
+class _SentinelMasterClient(_Client):
     """Closing the master client also closes its connections to the sentinels."""
 
     async def aclose(self, close_connection_pool: bool | None = None) -> None:

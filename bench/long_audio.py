@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import soundfile
 
-from bench.accuracy import EvalUtterance, ReferenceWord, load_eval_set
+from bench.eval_set import EvalUtterance, ReferenceWord, load_eval_set
 from deployments.backends.base import SAMPLE_RATE
 
 PAUSE_SECONDS = (0.2, 2.0)

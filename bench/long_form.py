@@ -38,7 +38,7 @@ from pathlib import Path
 import httpx
 import psutil
 
-from bench.accuracy import AccuracyReport, score_alignments
+from bench.eval_set import AccuracyReport, score_alignments
 from bench.long_audio import LongRecording, plan_recording, write_wav
 from bench.stack import BENCH_PLAN, Stack, with_bench_plan
 from deployments.backends.base import UnitTiming
@@ -113,7 +113,7 @@ def _align(client: httpx.Client, app: str, wav: Path, transcript: str) -> tuple[
     elapsed = time.perf_counter() - started
     if response.status_code != 200:
         raise RuntimeError(f"{app}: {response.status_code} {response.text[:300]}")
-    return [UnitTiming(word["text"], word["start"], word["end"]) for word in response.json()["words"]], elapsed
+    return [UnitTiming(word["text"], word["start"], word["end"], word["confidence"]) for word in response.json()["words"]], elapsed
 
 
 def _one_by_one(recording_plan) -> AccuracyReport:

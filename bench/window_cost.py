@@ -33,7 +33,7 @@ from pathlib import Path
 
 import soundfile
 
-from bench.accuracy import THRESHOLDS_MS, AccuracyReport, ReferenceWord, load_eval_set, score_alignments
+from bench.eval_set import THRESHOLDS_MS, AccuracyReport, ReferenceWord, load_eval_set, score_alignments
 from bench.long_audio import LongRecording, RecordingPlan, plan_recording, write_wav
 from deployments.backends.base import SAMPLE_RATE, AlignmentJob, JobOutcome, UnitTiming
 from deployments.backends.pocketsphinx import PocketSphinxBackend

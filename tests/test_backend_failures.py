@@ -88,7 +88,7 @@ def test_backend_failures_answer_5xx_and_input_failures_422() -> None:
     assert alignment_problem(AlignmentFailed("no-alignment-found", "no path"), 7).type.status == 422
     # An unknown reason is a backend bug, not the caller's input: it was silently a 422 before.
     assert alignment_problem(AlignmentFailed("alignment-error", "?"), 7).type.slug == "internal-error"
-    assert alignment_problem([UnitTiming("hello", 0.0, 0.5)], 7) is None
+    assert alignment_problem([UnitTiming("hello", 0.0, 0.5, 1.0)], 7) is None
 
 
 def _aligner(backend: FaultyPocketSphinx, unhealthy_after_failures: int = 3) -> Aligner:

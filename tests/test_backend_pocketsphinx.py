@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bench.accuracy import EvalUtterance, ReferenceWord, load_eval_set, score_alignments
+from bench.degraded import degraded_set
+from bench.eval_set import EvalUtterance, ReferenceWord, load_eval_set, score_alignments
 from deployments.backends import pocketsphinx as sphinx_module
 from deployments.backends.base import SAMPLE_RATE, AlignmentFailed, AlignmentJob, UnitTiming
 from deployments.backends.english_pronunciation import (
@@ -25,6 +26,7 @@ from deployments.backends.english_pronunciation import (
     number_readings,
 )
 from deployments.backends.pocketsphinx import PocketSphinxBackend
+from deployments.backends.speech_edges import silent_frames
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -61,6 +63,43 @@ def test_dev_set_accuracy_is_close_to_the_hand_labels(backend, utterances):
     assert report.missing_words == 0
     assert report.mean_ms < 40  # measured 18 ms; a wrong frame rate or sample scaling breaks this
     assert report.percent_within_ms[100] >= 90
+
+
+def test_every_word_has_a_confidence_and_no_flag_when_all_were_aligned(backend, utterances):
+    for answer in backend.align_batch([utterance.job() for utterance in utterances]):
+        assert all(0.0 <= timing.confidence <= 1.0 for timing in answer)
+        assert all(timing.flags == () for timing in answer)
+
+
+@pytest.mark.parametrize("variant", ["clean", "padded-3s"])
+def test_no_first_word_starts_inside_the_leading_silence(backend, utterances, variant):
+    """It used to absorb 10-40 ms of it; a frame or two early is the most allowed now."""
+    for utterance in degraded_set(variant, utterances):
+        (answer,) = backend.align_batch([utterance.job()])
+        assert answer[0].start >= utterance.words[0].start - 0.02, utterance.id
+
+
+def test_no_word_edge_lies_inside_silence(backend, utterances):
+    """What speech_edges calls silence (a quiet stretch of 80 ms or more) holds no word's first or last frame."""
+    for utterance in degraded_set("padded-3s", utterances):
+        silent = silent_frames(utterance.audio)
+        (answer,) = backend.align_batch([utterance.job()])
+        for timing in answer:
+            first, last = round(timing.start * 100), round(timing.end * 100) - 1
+            assert not silent[first] and not silent[last], (utterance.id, timing.text)
+
+
+def test_low_confidence_words_are_the_badly_aligned_ones(backend, utterances):
+    """The calibration bench/accuracy.py measures on every variant, on a few of them here."""
+    low, high = [], []
+    for variant in ("clean", "white-10db", "babble-20db", "telephone-8k", "mp3-8k"):
+        for utterance in degraded_set(variant, utterances):
+            (answer,) = backend.align_batch([utterance.job()])
+            for expected, got in zip(utterance.words, answer):
+                error = (abs(got.start - expected.start) + abs(got.end - expected.end)) / 2
+                (low if got.confidence < 0.5 else high).append(error)
+    assert len(low) >= 10 and len(high) >= 10 * len(low) / 2
+    assert np.mean(low) > 1.5 * np.mean(high)
 
 
 def test_words_the_decoder_puts_back_to_back_touch_exactly(backend, utterances):
@@ -156,7 +195,7 @@ def test_a_transcript_the_wide_search_cannot_place_is_retried_with_the_widest_be
     job = AlignmentJob(utterances[1].audio, utterances[0].job().units, "English")
     (answer,) = fresh.align_batch([job])
     assert_well_formed(job, answer)
-    assert fresh._widest_decoder is not None  # the retry ran
+    assert fresh._widest is not None  # the retry ran
 
 
 def test_a_transcript_that_cannot_fit_the_audio_fails_after_the_retry(backend, utterances):
@@ -180,8 +219,9 @@ def test_invented_words_are_bounded_by_rebuilding_the_decoder(monkeypatch, utter
         job = AlignmentJob(utterances[0].audio, utterances[0].job().units + (made_up,), "English")
         assert_well_formed(job, bounded.align_batch([job])[0])
     # The third word went over the bound: the decoder was rebuilt and forgot the first two.
-    assert bounded._decoder.lookup_word("_quuxly") is not None
-    assert bounded._decoder.lookup_word("_blorp") is None
+    library_beams = bounded._library  # the first decoder every clip's passes use
+    assert library_beams.lookup_word("_quuxly") is not None
+    assert library_beams.lookup_word("_blorp") is None
 
 
 # --- pronunciation helpers --------------------------------------------------------------------
@@ -224,7 +264,7 @@ def test_fold_to_ascii():
 
 
 def test_numbers_are_one_dictionary_word_with_every_reading_as_an_alternate(backend):
-    pronouncer = UnitPronouncer(backend._decoder.lookup_word, NeuralG2P())
+    pronouncer = UnitPronouncer(backend._wide.lookup_word, NeuralG2P())
     pronunciation = pronouncer.pronounce("1990")
     assert pronunciation.word == "_1990"
     assert "N AY N T IY N N AY N T IY" in pronunciation.new_phones  # nineteen ninety
@@ -234,7 +274,7 @@ def test_numbers_are_one_dictionary_word_with_every_reading_as_an_alternate(back
 
 def test_score_alignments_pairs_words_by_position_and_counts_missing_ones():
     reference = [ReferenceWord("a", 0.10, 0.20), ReferenceWord("b", 0.20, 0.40)]
-    one_word_answer = [UnitTiming("a", 0.12, 0.25)]
+    one_word_answer = [UnitTiming("a", 0.12, 0.25, 1.0)]
     report = score_alignments([(reference, one_word_answer), (reference, AlignmentFailed("x", "y"))])
     assert report.boundaries == 2
     assert report.missing_words == 3

@@ -1,7 +1,11 @@
 """Qwen3Backend on a tiny random-weight checkpoint, through the real qwen_asr loading and batching.
 
 The checkpoint's times are meaningless, so these tests check shape and policy: order, units, numeric
-ranges, batched == one-by-one, per-job rejections and failures, and how loading fails.
+ranges, batched == one-by-one, per-job rejections and failures, and how loading fails. Its raw times
+are also pathological (every slot at 118-396 s for clips of seconds, many zero-length), which puts
+the detection, re-alignment and interpolation of implausible times through the real model path.
+Whether a re-alignment comes back plausible cannot be shown on random weights (the real ones cannot
+be downloaded here): tests/test_qwen3_repair.py checks that logic with a stand-in for the model call.
 """
 
 from __future__ import annotations
@@ -16,9 +20,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from deployments.backends.base import SAMPLE_RATE, AlignmentFailed, AlignmentJob, BackendFailed, UnitTiming
-from deployments.backends.qwen3 import ModelUnavailable, Qwen3Backend
+from deployments.backends.qwen3 import ModelUnavailable, Qwen3Backend, _prompt, _slot_readings
+from deployments.backends.qwen3_repair import RawAlignment, implausible_spans, plan_repair
+from serve_app.text.flags import FLAGS, INTERPOLATED
 from serve_app.text.languages import LANGUAGES
 from tests.support.tiny_qwen3 import write_tiny_checkpoint
 
@@ -57,6 +64,18 @@ def test_info_describes_the_loaded_model(backend: Qwen3Backend, tiny_checkpoint:
     assert backend.timestamp_horizon_seconds == pytest.approx(400.0)
 
 
+def assert_well_formed(timings: list[UnitTiming], duration: float) -> None:
+    boundaries = [value for timing in timings for value in (timing.start, timing.end)]
+    assert all(isinstance(value, float) and math.isfinite(value) for value in boundaries)
+    assert all(0.0 <= value <= duration for value in boundaries)
+    assert boundaries == sorted(boundaries)
+    for timing in timings:
+        assert 0.0 <= timing.confidence <= 1.0
+        assert set(timing.flags) <= set(FLAGS)
+        if INTERPOLATED in timing.flags:
+            assert timing.confidence == 0.0
+
+
 def test_a_batch_gives_each_job_its_units_in_order_with_numeric_times(
     backend: Qwen3Backend, jobs: list[AlignmentJob]
 ) -> None:
@@ -67,10 +86,135 @@ def test_a_batch_gives_each_job_its_units_in_order_with_numeric_times(
         assert isinstance(timings, list), timings
         # Whitespace-split languages and single CJK characters come back unit for unit.
         assert [timing.text for timing in timings] == list(job.units)
-        boundaries = [value for timing in timings for value in (timing.start, timing.end)]
-        assert all(isinstance(value, float) and math.isfinite(value) for value in boundaries)
-        assert all(0.0 <= value <= backend.timestamp_horizon_seconds for value in boundaries)
-        assert boundaries == sorted(boundaries)  # qwen_asr repairs the sequence to be monotonic
+        assert_well_formed(timings, duration=job.audio.shape[0] / SAMPLE_RATE)
+
+
+def test_the_random_models_implausible_answers_come_back_interpolated(
+    backend: Qwen3Backend, jobs: list[AlignmentJob]
+) -> None:
+    raws = backend._forward([(job.audio, backend._words(job)) for job in jobs])
+    results = backend.align_batch(jobs)
+
+    for job, raw, timings in zip(jobs, raws, results):
+        duration = job.audio.shape[0] / SAMPLE_RATE
+        # Every raw time is past the end of the audio: one implausible span, the whole job.
+        assert implausible_spans(raw.bounds, duration, step=0.08) == [range(len(raw.bounds))]
+        assert all(timing.flags == (INTERPOLATED,) and timing.confidence == 0.0 for timing in timings)
+        # Spread over the whole clip by character count, not left where the model put them.
+        assert (timings[0].start, timings[-1].end) == (0.0, duration)
+        lengths = [timing.end - timing.start for timing in timings]
+        weights = [len(timing.text) / sum(len(unit) for unit in job.units) for timing in timings]
+        assert lengths == pytest.approx([weight * duration for weight in weights], abs=0.002)
+
+
+def test_our_forward_pass_is_qwen_asrs_align(backend: Qwen3Backend, jobs: list[AlignmentJob]) -> None:
+    """Our raw times, put through upstream's own `fix_timestamp`, are exactly what `align()` answers."""
+    raws = backend._forward([(job.audio, backend._words(job)) for job in jobs])
+    upstream = backend._aligner.align(
+        audio=[(job.audio, SAMPLE_RATE) for job in jobs],
+        text=[" ".join(job.units) for job in jobs],
+        language=[job.language for job in jobs],
+    )
+
+    fix_timestamp = backend._aligner.aligner_processor.fix_timestamp
+    changed = 0
+    for raw, result in zip(raws, upstream):
+        ours = [time for unit in raw.bounds for time in unit]
+        theirs = [time for item in result for time in (item.start_time, item.end_time)]
+        fixed = [round(value / 1000, 3) for value in fix_timestamp(np.array([round(time * 1000) for time in ours]))]
+        assert raw.words == tuple(item.text for item in result)
+        assert fixed == theirs
+        changed += ours != theirs
+    assert changed  # fix_timestamp did overwrite some: a pass that skipped it would be caught
+
+
+def test_raw_confidences_are_probabilities_that_do_not_depend_on_the_batch(
+    backend: Qwen3Backend, jobs: list[AlignmentJob]
+) -> None:
+    requests = [(job.audio, backend._words(job)) for job in jobs]
+
+    batched = backend._forward(requests)
+    alone = [backend._forward([request])[0] for request in requests]
+
+    confidences = [value for raw in batched for value in raw.confidences]
+    assert all(0.0 < value <= 1.0 for value in confidences)
+    assert len(set(confidences)) > 1
+    for together, single in zip(batched, alone):
+        assert together.bounds == single.bounds
+        # Padding moves the probabilities in their last bits; two decimals can round either way.
+        assert together.confidences == pytest.approx(single.confidences, abs=0.0101)
+
+
+def test_a_slots_confidence_is_its_probability_within_one_step() -> None:
+    logits = torch.log(
+        torch.tensor(
+            [
+                [0.05, 0.46, 0.44, 0.05, 0.0],  # split between two adjacent steps: sure within a step
+                [0.41, 0.0, 0.19, 0.0, 0.4],  # split between distant steps: unsure
+                [0.7, 0.2, 0.05, 0.05, 0.0],  # argmax at the first step: one neighbour only
+                [0.0, 0.0, 0.1, 0.3, 0.6],  # argmax at the last step
+            ]
+        )
+        + 1e-9
+    ).to(torch.bfloat16)
+
+    steps, confidences = _slot_readings(logits)
+
+    assert steps == [1, 0, 0, 4]
+    assert confidences == pytest.approx([0.95, 0.41, 0.9, 0.9], abs=0.01)
+
+
+def test_our_prompt_is_encode_timestamps(backend: Qwen3Backend) -> None:
+    encode_timestamp = backend._aligner.aligner_processor.encode_timestamp
+    for text, language in [
+        ("the quick brown fox", "English"),
+        ("今天 天气很好 ok", "Chinese"),
+        ("今日はいい天気です", "Japanese"),
+        ("오늘 날씨가 좋네요", "Korean"),
+    ]:
+        words, prompt = encode_timestamp(text, language)
+        assert _prompt(words) == prompt
+
+
+def test_implausible_spans_are_re_aligned_by_the_model_on_their_own_audio(
+    backend: Qwen3Backend, jobs: list[AlignmentJob]
+) -> None:
+    """A synthetic first pass with a broken middle, through the real second (batched) pass."""
+    job = jobs[0]  # 3 s, four units
+    first = RawAlignment(job.units, ((0.0, 0.4), (0.8, 0.8), (0.8, 0.8), (2.0, 2.9)), (0.7, 0.9, 0.9, 0.6))
+    plan = plan_repair(first.bounds, 3.0, step=0.08)
+    (window,) = plan.windows
+    start, end = round(window.start * SAMPLE_RATE), round(window.end * SAMPLE_RATE)
+    answer = backend._forward([(job.audio[start:end], first.words[1:3])])[0]
+
+    (timings,) = backend._repaired([job], [first])
+
+    # The tiny model's re-alignment is nonsense too, so the span is interpolated between its
+    # neighbours, which keep their times and confidences.
+    assert implausible_spans(answer.bounds, window.end - window.start, step=0.08)
+    assert timings == [
+        UnitTiming("the", 0.0, 0.4, 0.7),
+        UnitTiming("quick", 0.4, 1.2, 0.0, (INTERPOLATED,)),
+        UnitTiming("brown", 1.2, 2.0, 0.0, (INTERPOLATED,)),
+        UnitTiming("fox", 2.0, 2.9, 0.6),
+    ]
+
+
+def test_a_repair_call_that_fails_interpolates_that_job_alone(
+    backend: Qwen3Backend, jobs: list[AlignmentJob], caplog: pytest.LogCaptureFixture
+) -> None:
+    # Words that no log line would contain by chance.
+    good = AlignmentJob(jobs[0].audio, ("zebra", "quokka", "marmot", "wombat"), "English")
+    malformed = AlignmentJob(np.zeros((3 * SAMPLE_RATE, 2, 2), dtype=np.float32), good.units, "English")
+    first = RawAlignment(good.units, ((0.0, 0.4), (0.8, 0.8), (0.8, 0.8), (2.0, 2.9)), (0.7, 0.9, 0.9, 0.6))
+
+    with caplog.at_level("WARNING", logger="deployments.backends.qwen3"):
+        together = backend._repaired([good, malformed], [first, first])
+
+    assert together[0] == backend._repaired([good], [first])[0]
+    assert together[1] == together[0]  # the failed repair ends up where the nonsense one does: interpolated
+    assert "re-aligning 1 implausible spans failed (ValueError)" in caplog.text
+    assert not any(unit in caplog.text for unit in good.units)
 
 
 def test_batched_results_equal_one_job_at_a_time(backend: Qwen3Backend, jobs: list[AlignmentJob]) -> None:
@@ -84,7 +228,7 @@ def test_batched_results_equal_one_job_at_a_time(backend: Qwen3Backend, jobs: li
     batched = backend.align_batch(jobs)
     alone = [backend.align_batch([job])[0] for job in jobs]
 
-    assert batched == alone
+    assert batched == alone  # times, confidences and flags
     # Guard against a degenerate checkpoint that answers the same for every input.
     assert len({tuple(timings) for timings in batched}) > 1
 

@@ -47,3 +47,20 @@ def test_header_lengths_of_wav_and_flac(tmp_path):
     truncated = tmp_path / "truncated.wav"
     truncated.write_bytes(b"RIFF\x00\x00\x00\x00WAVEfmt ")
     assert header_seconds(truncated) is None
+
+
+def test_an_alignment_keeps_each_words_confidence_and_flags_and_reads_older_answers():
+    from aligner_client.models import Alignment
+
+    body = {
+        "id": "r1", "language": "English", "duration": 2.0, "backend": "pocketsphinx", "model": "m",
+        "words": [
+            {"text": "one", "start": 0.1, "end": 0.4, "confidence": 0.93, "flags": []},
+            {"text": "two", "start": 0.4, "end": 0.4, "confidence": 0.0, "flags": ["interpolated"]},
+        ],
+    }  # fmt: skip
+    alignment = Alignment.from_json(body)
+    assert [(word.confidence, word.flags) for word in alignment.words] == [(0.93, ()), (0.0, ("interpolated",))]
+    assert alignment.to_json() == body
+    older = dict(body, words=[{"text": "one", "start": 0.1, "end": 0.4}])
+    assert Alignment.from_json(older).words[0].confidence is None

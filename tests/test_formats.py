@@ -3,7 +3,7 @@
 from serve_app.text.formats import to_srt, to_textgrid, to_vtt
 from serve_app.text.timing import WordTiming
 
-WORDS = [WordTiming("Hello,", 0.1, 0.45), WordTiming("<b>&", 0.45, 0.45), WordTiming('say "hi"', 61.5, 3725.0)]
+WORDS = [WordTiming("Hello,", 0.1, 0.45, 1.0), WordTiming("<b>&", 0.45, 0.45, 0.0), WordTiming('say "hi"', 61.5, 3725.0, 0.5)]
 
 
 def test_srt_numbers_cues_and_uses_comma_milliseconds():
@@ -19,7 +19,7 @@ def test_vtt_has_header_and_escapes_markup():
 
 
 def test_cue_text_cannot_break_out_of_its_cue():
-    srt = to_srt([WordTiming("a\n\n-->b", 0.0, 1.0)])
+    srt = to_srt([WordTiming("a\n\n-->b", 0.0, 1.0, 1.0)])
     assert srt == "1\n00:00:00,000 --> 00:00:01,000\na ->b\n"
 
 
@@ -28,5 +28,5 @@ def test_textgrid_fills_gaps_and_skips_zero_length_words():
     assert 'intervals: size = 3' in grid
     assert 'text = "Hello,"' in grid
     assert "<b>&" not in grid  # zero-length: a TextGrid interval cannot be empty
-    quoted = to_textgrid([WordTiming('say "hi"', 0.0, 1.0)], duration=1.0)
+    quoted = to_textgrid([WordTiming('say "hi"', 0.0, 1.0, 1.0)], duration=1.0)
     assert 'text = "say ""hi"""' in quoted

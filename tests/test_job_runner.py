@@ -44,7 +44,7 @@ class EvenAligner:
         if self.calls <= self.failures:
             raise unavailable("the aligner failed; retry later", 1)
         step = job.audio.size / SAMPLE_RATE / len(job.units)
-        return [UnitTiming(unit, index * step, (index + 1) * step) for index, unit in enumerate(job.units)]
+        return [UnitTiming(unit, index * step, (index + 1) * step, 1.0) for index, unit in enumerate(job.units)]
 
 
 class Harness:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import soundfile
 
-from bench.accuracy import EvalUtterance, load_eval_set
+from bench.eval_set import EvalUtterance, load_eval_set
 from bench.long_audio import LongRecording, plan_recording, samples, write_wav
 from deployments.backends.base import SAMPLE_RATE
 

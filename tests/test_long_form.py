@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from ray import serve
 
-from bench.accuracy import score_alignments
+from bench.eval_set import score_alignments
 from bench.long_audio import plan_recording, samples
 from deployments.backends.base import SAMPLE_RATE, UnitTiming
 from tests.support.audio import encode
@@ -49,7 +49,7 @@ def test_five_minutes_align_in_windows_as_well_as_utterance_by_utterance(client,
     assert body["duration"] == pytest.approx(recording.duration, abs=0.01)
     assert [word["text"] for word in body["words"]] == [word.word for word in recording.words]
     assert_well_formed(body["words"], body["duration"])
-    hypothesis = [UnitTiming(word["text"], word["start"], word["end"]) for word in body["words"]]
+    hypothesis = [UnitTiming(word["text"], word["start"], word["end"], word["confidence"]) for word in body["words"]]
     report = score_alignments([(recording.words, hypothesis)])
     assert report.missing_words == 0
     assert report.mean_ms < 25.0  # one by one: ~18 ms (docs/benchmarks.md)

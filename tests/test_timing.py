@@ -11,6 +11,8 @@ class Unit:
     text: str
     start: float
     end: float
+    confidence: float = 1.0
+    flags: tuple[str, ...] = ()
 
 
 def parse(text: str, language: str = "English"):
@@ -65,3 +67,31 @@ def test_out_of_range_and_non_monotonic_times_are_repaired():
     assert words[0].start == 0.0
     assert words[-1].end == 3.0
     assert len(words) == 4
+
+
+def test_a_word_is_as_sure_as_its_least_sure_unit_and_carries_every_flag():
+    transcript = parse("well-known world")
+    timings = [Unit("well", 0.5, 0.7, 0.9), Unit("known", 0.7, 1.0, 0.4, ("repaired",)), Unit("world", 1.1, 1.5, 0.8)]
+    words = word_timings(transcript, unit_spans(transcript.units, timings), audio_seconds=2.0)
+    assert [(word.confidence, word.flags) for word in words] == [(0.4, ("repaired",)), (0.8, ())]
+
+
+def test_a_word_no_unit_of_which_got_a_time_is_interpolated_with_no_confidence():
+    transcript = parse("alpha beta gamma")
+    timings = [Unit("alpha", 0.0, 0.5, 0.9), Unit("gamma", 1.0, 1.5, 0.9)]
+    words = word_timings(transcript, unit_spans(transcript.units, timings), audio_seconds=2.0)
+    assert [(word.confidence, word.flags) for word in words] == [(0.9, ()), (0.0, ("interpolated",)), (0.9, ())]
+
+
+def test_resplit_units_are_as_sure_as_the_least_sure_item_covering_them():
+    transcript = parse("안녕하세요 세계", "Korean")
+    timings = [Unit("안녕", 0.0, 0.3, 0.9), Unit("하세요", 0.3, 0.8, 0.3, ("interpolated",)), Unit("세계", 0.9, 1.2, 0.7)]
+    words = word_timings(transcript, unit_spans(transcript.units, timings), audio_seconds=2.0)
+    assert [(word.confidence, word.flags) for word in words] == [(0.3, ("interpolated",)), (0.7, ())]
+
+
+def test_confidence_is_clamped_into_zero_to_one():
+    transcript = parse("a b")
+    timings = [Unit("a", 0.0, 0.5, 1.7), Unit("b", 0.5, 1.0, -0.2)]
+    words = word_timings(transcript, unit_spans(transcript.units, timings), audio_seconds=2.0)
+    assert [word.confidence for word in words] == [1.0, 0.0]

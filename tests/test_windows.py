@@ -89,7 +89,7 @@ class ModelAligner:
         if inside and not after and window.stop_unit < len(self.truth) and self.truth[window.stop_unit][0] < window.end:
             last = inside[-1]  # speech of units not given: the last given unit stretches over it
             times[last] = (times[last][0], window.end)
-        return [UnitTiming(f"u{i}", *times[i]) for i in indices]
+        return [UnitTiming(f"u{i}", *times[i], 1.0) for i in indices]
 
     @staticmethod
     def _spread(times, units, start, end):
@@ -106,7 +106,7 @@ def _run(truth, duration, settings, aligner=None):
     aligner = aligner or ModelAligner(truth)
     units = [f"u{i}" for i in range(len(truth))]
     spans = asyncio.run(align_windowed(units, duration, _envelope(truth, duration), settings, aligner))
-    return spans, aligner
+    return [None if span is None else (span.start, span.end) for span in spans], aligner
 
 
 @pytest.mark.parametrize("seed", [1, 2, 3])
@@ -146,7 +146,7 @@ def test_a_window_with_nothing_to_trust_and_no_silence_to_skip_is_a_transcript_m
     class Smearing(ModelAligner):
         def _align(self, window):  # the first unit swallows the whole window: nothing is trustworthy
             count = window.stop_unit - window.first_unit
-            return [UnitTiming("u", window.start, window.end)] + [UnitTiming("u", window.end, window.end)] * (count - 1)
+            return [UnitTiming("u", window.start, window.end, 1.0)] + [UnitTiming("u", window.end, window.end, 1.0)] * (count - 1)
 
     with pytest.raises(Problem) as refused:
         _run(truth, duration, _settings(60.0), Smearing(truth))

@@ -44,6 +44,22 @@ class Word:
     text: str
     start: float
     end: float
+    confidence: float | None = None  # 0..1; None from a server (or a stored job result) without it
+    flags: tuple[str, ...] = ()  # "interpolated", "repaired": see the service's README
+
+    @classmethod
+    def from_json(cls, word: dict[str, Any]) -> "Word":
+        confidence = word.get("confidence")
+        return cls(
+            word["text"],
+            float(word["start"]),
+            float(word["end"]),
+            None if confidence is None else float(confidence),
+            tuple(str(flag) for flag in word.get("flags", ())),
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {"text": self.text, "start": self.start, "end": self.end, "confidence": self.confidence, "flags": list(self.flags)}
 
 
 @dataclass(frozen=True)
@@ -65,14 +81,14 @@ class Alignment:
             duration=float(body["duration"]),
             backend=body["backend"],
             model=body["model"],
-            words=tuple(Word(word["text"], float(word["start"]), float(word["end"])) for word in body["words"]),
+            words=tuple(Word.from_json(word) for word in body["words"]),
         )
 
     def to_json(self) -> dict[str, Any]:
         """The document the service sent (format json)."""
         return {
             "id": self.id, "language": self.language, "duration": self.duration, "backend": self.backend, "model": self.model,
-            "words": [{"text": word.text, "start": word.start, "end": word.end} for word in self.words],
+            "words": [word.to_json() for word in self.words],
         }  # fmt: skip
 
 

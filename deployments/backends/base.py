@@ -32,11 +32,18 @@ class AlignmentJob:
 
 @dataclass(frozen=True)
 class UnitTiming:
-    """A backend's time for one unit, in seconds from the start of the audio."""
+    """A backend's time for one unit, in seconds from the start of the audio.
+
+    `confidence` (0..1) is how far the backend trusts this unit's boundaries: calibrated so that
+    units under 0.5 have clearly larger boundary errors than those above (bench/accuracy.py).
+    `flags` come from serve_app.text.flags.FLAGS.
+    """
 
     text: str
     start: float
     end: float
+    confidence: float
+    flags: tuple[str, ...] = ()
 
 
 class AlignmentFailed(Exception):

@@ -2,15 +2,26 @@
 
 Per job: every unit becomes one dictionary word (`english_pronunciation` invents pronunciations for
 unknown words and numbers, so "42" aligns as "forty two" and still comes back as one unit), the
-float32 audio becomes 16-bit PCM, a state-alignment search runs over the whole utterance and its
-word segments become one `UnitTiming` per unit, in order, in seconds within [0, duration].
+float32 audio becomes 16-bit PCM, and a state-alignment search runs over the whole utterance twice:
+once on the audio as it is and once on the audio half a 10 ms frame late. The
+two passes' frames straddle each other, so:
+- a unit's time is the mean of its two passes (a 5 ms grid instead of 10 ms; 0.5 ms better on the
+  dev set than one pass);
+- its confidence is how well they agree: 1 / (1 + (d / 25 ms)^2), d the passes' start and end
+  differences averaged. Where the acoustics pin a boundary down both passes find it; where they do
+  not (noise, a vowel running into a vowel, a codec's smearing) the passes drift apart. Calibrated on
+  the dev set and its degraded variants (bench/accuracy.py): words under 0.5 have about twice the
+  boundary error of the rest.
+A very noisy recording (about 10 dB SNR or worse) is aligned on a denoised copy (`denoise`).
+Then `speech_edges.keep_out_of_silence` takes every word edge out of silence (a first word that
+absorbed the leading silence, a last one the trailing silence, either side of a pause).
 
-Search beams: the wide ones below for every job. On the dev set they give the same timings as the
-library defaults for ~10 % more time, and the defaults fail outright on some long recordings (see
-shared/reference/offline-aligner-and-eval.md). A job whose search still finds no path (typically a
-transcript that does not match the audio) is retried once with the widest beams, on a second
-decoder built on first need (~27 MB), before it fails. Unspoken words over near-silence leave no
-path even then.
+Search beams: a ladder, per pass. Jobs up to 30 s are searched with the library's own beams first,
+longer ones with wide beams (the library's fail outright on some long recordings, see
+shared/reference/offline-aligner-and-eval.md); a pass that finds no path moves to the next rung.
+A job whose passes still find no path (typically a transcript that does not match the audio) is
+retried once with the widest beams, on a decoder built on first need (~27 MB), before it fails.
+Unspoken words over near-silence leave no path even then.
 
 Failure behaviour: a job that cannot be aligned comes back as `AlignmentFailed` with reason
 `unsupported-language`, `audio-too-long`, `unpronounceable-unit` (no Latin letter or digit in a
@@ -40,12 +51,28 @@ from deployments.backends.base import (
     JobOutcome,
     UnitTiming,
 )
+from deployments.backends.denoise import is_very_noisy, subtract_noise
 from deployments.backends.english_pronunciation import NeuralG2P, Pronunciation, UnitPronouncer
+from deployments.backends.speech_edges import keep_out_of_silence
+from serve_app.text.flags import INTERPOLATED
 
 logger = logging.getLogger("ray.serve")
 
-WIDE_BEAMS = {"beam": 1e-80, "pbeam": 1e-80, "wbeam": 1e-60, "maxhmmpf": -1}
-WIDEST_BEAMS = {"beam": 1e-300, "pbeam": 1e-300, "wbeam": 1e-300, "maxhmmpf": -1}
+# Search beams, tried in turn until one finds a path. The library's own suffice for clips and are
+# ~10 % faster; the wide ones are needed on long recordings (the library's fail on some, see
+# shared/reference/offline-aligner-and-eval.md) and tried first there; the widest are the last
+# resort. topn: Gaussians scored per frame and codebook, 3 of the library's 4: 0.2 ms less accurate
+# on the dev set (bench/accuracy.py) and 15 % faster. Both help pay for the second pass.
+LIBRARY_BEAMS = {"topn": 3}
+WIDE_BEAMS = {"beam": 1e-80, "pbeam": 1e-80, "wbeam": 1e-60, "maxhmmpf": -1, "topn": 3}
+WIDEST_BEAMS = {"beam": 1e-300, "pbeam": 1e-300, "wbeam": 1e-300, "maxhmmpf": -1, "topn": 3}
+LIBRARY_BEAMS_UP_TO_S = 30.0  # the longest job tried on the library's beams first
+
+# The second pass hears the audio half a 10 ms frame late: its frames straddle the first pass's.
+SECOND_PASS_DELAY_SAMPLES = 80
+# Passes this far apart (ms, start and end averaged) give a unit confidence 0.5. On the dev set and
+# its degraded variants, words under 0.5 have ~2x the boundary error of those above (bench/accuracy.py).
+HALF_CONFIDENCE_DISAGREEMENT_MS = 25.0
 
 # The longest job: cost per audio second is flat up to ~90 s and grows past it (1.8x at 300 s,
 # bench/window_cost.py); longer audio is aligned in windows (serve_app.pipeline.windows).
@@ -120,14 +147,16 @@ def _phone_count(entries: Iterable[Pronunciation]) -> int:
 
 
 class PocketSphinxBackend:
-    """AlignerBackend over PocketSphinx; jobs run one after another on one decoder."""
+    """AlignerBackend over PocketSphinx; jobs run one after another, two passes each."""
 
     def __init__(self, max_audio_seconds: float = MAX_AUDIO_SECONDS) -> None:
-        self._decoder = _AligningDecoder(WIDE_BEAMS)
-        self._widest_decoder: _AligningDecoder | None = None
+        # One decoder per beam setting; both passes of a job use the same (each resets its features).
+        self._library = _AligningDecoder(LIBRARY_BEAMS)
+        self._wide = _AligningDecoder(WIDE_BEAMS)
+        self._widest: _AligningDecoder | None = None  # built on first need (~27 MB): a rare, slow retry
         # The pronouncer never looks up an invented ("_"-prefixed) word, so this decoder's dictionary
         # answers it as the base dictionary would, rebuilt or not.
-        self._pronouncer = UnitPronouncer(self._decoder.lookup_word, NeuralG2P())
+        self._pronouncer = UnitPronouncer(self._wide.lookup_word, NeuralG2P())
         self.info = BackendInfo(
             name="pocketsphinx",
             model=f"cmusphinx en-us (pocketsphinx {version('pocketsphinx')})",
@@ -158,19 +187,27 @@ class PocketSphinxBackend:
         if job.audio.size == 0:
             raise AlignmentFailed("no-alignment-found", "the audio is empty")
         pronunciations = self._pronounce(job.units)
-        pcm = _to_pcm16(job.audio)
-        segments = self._decoder.align(pronunciations, pcm)
-        decoder = self._decoder
-        if segments is None:
-            decoder = self._widest()
-            segments = decoder.align(pronunciations, pcm)
-        if segments is None:
+        words = [entry.word for entry in pronunciations]
+        heard = subtract_noise(job.audio) if is_very_noisy(job.audio) else job.audio
+        passes = self._both_passes(pronunciations, heard, duration)
+        if passes is None:
             raise AlignmentFailed(
                 "no-alignment-found",
                 f"no alignment of {len(job.units)} units to {duration:.1f} s of audio, even with the widest search",
             )
-        words = [entry.word for entry in pronunciations]
-        return _unit_timings(job.units, words, segments, decoder.frames_per_second, duration)
+        plain, late = (_unit_bounds(words, segments, self._wide.frames_per_second, offset) for segments, offset in passes)
+        return keep_out_of_silence(job.audio, _combined(job.units, plain, late, duration))
+
+    def _both_passes(
+        self, pronunciations: Sequence[Pronunciation], audio: np.ndarray, duration: float
+    ) -> tuple[tuple[list[_Segment], float], tuple[list[_Segment], float]] | None:
+        """(segments, audio offset in s) of the plain pass and of the half-frame-late one; None if
+        either finds no path even on the widest beams."""
+        pcm = _to_pcm16(audio)
+        delayed_pcm = _to_pcm16(np.concatenate([np.zeros(SECOND_PASS_DELAY_SAMPLES, np.float32), audio]))
+        ladder = [self._library, self._wide] if duration <= LIBRARY_BEAMS_UP_TO_S else [self._wide]
+        passes = _passes_on(ladder, pronunciations, pcm, delayed_pcm)
+        return passes if passes is not None else _passes_on([self._widest_decoder()], pronunciations, pcm, delayed_pcm)
 
     def _pronounce(self, units: Sequence[str]) -> list[Pronunciation]:
         pronunciations = []
@@ -183,11 +220,30 @@ class PocketSphinxBackend:
             pronunciations.append(pronunciation)
         return pronunciations
 
-    def _widest(self) -> _AligningDecoder:
-        if self._widest_decoder is None:
+    def _widest_decoder(self) -> _AligningDecoder:
+        if self._widest is None:
             logger.info("pocketsphinx: building the widest-beam decoder for alignment retries")
-            self._widest_decoder = _AligningDecoder(WIDEST_BEAMS)
-        return self._widest_decoder
+            self._widest = _AligningDecoder(WIDEST_BEAMS)
+        return self._widest
+
+
+def _passes_on(
+    decoders: Sequence[_AligningDecoder], pronunciations: Sequence[Pronunciation], pcm: bytes, delayed_pcm: bytes
+) -> tuple[tuple[list[_Segment], float], tuple[list[_Segment], float]] | None:
+    plain = _first_path(decoders, pronunciations, pcm)
+    late = None if plain is None else _first_path(decoders, pronunciations, delayed_pcm)
+    return None if late is None else ((plain, 0.0), (late, SECOND_PASS_DELAY_SAMPLES / SAMPLE_RATE))
+
+
+def _first_path(
+    decoders: Sequence[_AligningDecoder], pronunciations: Sequence[Pronunciation], pcm: bytes
+) -> list[_Segment] | None:
+    """The segments of the first decoder whose search finds a path."""
+    for decoder in decoders:
+        segments = decoder.align(pronunciations, pcm)
+        if segments is not None:
+            return segments
+    return None
 
 
 def _to_pcm16(audio: np.ndarray) -> bytes:
@@ -195,31 +251,57 @@ def _to_pcm16(audio: np.ndarray) -> bytes:
     return np.round(samples * 32767).astype("<i2").tobytes()
 
 
-def _unit_timings(
-    units: Sequence[str], words: Sequence[str], segments: Sequence[_Segment], frame_rate: int, duration: float
-) -> list[UnitTiming]:
-    """One timing per unit, taking the segments of the expected words in order.
+def _unit_bounds(
+    words: Sequence[str], segments: Sequence[_Segment], frame_rate: int, offset: float
+) -> list[tuple[float, float] | None]:
+    """(start, end) seconds per word of one pass, taking the segments of the expected words in order.
 
-    Segments of other words (silences, fillers, sentence markers) are skipped. A unit whose word
-    never comes (which a successful alignment does not produce) gets a zero-length time at the end
-    of the previous unit, so the count always matches.
+    Segments of other words (silences, fillers, sentence markers) are skipped. A word whose segment
+    never comes (which a successful alignment does not produce) gets None. `offset` is how late the
+    pass's audio started (its delay), taken off again.
     """
-
-    def seconds(frame: int) -> float:
-        return min(max(frame / frame_rate, 0.0), duration)
-
-    timings: list[UnitTiming] = []
+    bounds: list[tuple[float, float] | None] = []
     next_segment = 0
-    previous_end = 0.0
-    for unit, word in zip(units, words, strict=True):
+    for word in words:
         found = next((index for index in range(next_segment, len(segments)) if segments[index].word == word), None)
         if found is None:
-            timings.append(UnitTiming(unit, previous_end, previous_end))
+            bounds.append(None)
             continue
         segment = segments[found]
-        start = seconds(segment.start_frame)
-        end = max(start, seconds(segment.end_frame + 1))
-        timings.append(UnitTiming(unit, start, end))
-        previous_end = end
+        bounds.append((segment.start_frame / frame_rate - offset, (segment.end_frame + 1) / frame_rate - offset))
         next_segment = found + 1
+    return bounds
+
+
+def _combined(
+    units: Sequence[str],
+    plain: Sequence[tuple[float, float] | None],
+    late: Sequence[tuple[float, float] | None],
+    duration: float,
+) -> list[UnitTiming]:
+    """One timing per unit: the two passes' mean, its confidence from how far they disagree.
+
+    A unit either pass lost is placed with zero length at the end of the previous unit, confidence
+    0 and flagged interpolated, so the count always matches.
+    """
+
+    def clamped(value: float) -> float:
+        return min(max(value, 0.0), duration)
+
+    timings: list[UnitTiming] = []
+    previous_end = 0.0
+    for unit, first, second in zip(units, plain, late, strict=True):
+        if first is None or second is None:
+            timings.append(UnitTiming(unit, previous_end, previous_end, 0.0, (INTERPOLATED,)))
+            continue
+        start = max(clamped((first[0] + second[0]) / 2), previous_end)
+        end = max(clamped((first[1] + second[1]) / 2), start)
+        disagreement_ms = (abs(first[0] - second[0]) + abs(first[1] - second[1])) / 2 * 1000
+        timings.append(UnitTiming(unit, start, end, _confidence(disagreement_ms)))
+        previous_end = end
     return timings
+
+
+def _confidence(disagreement_ms: float) -> float:
+    """1 when both passes agree, 0.5 at HALF_CONFIDENCE_DISAGREEMENT_MS apart, towards 0 beyond."""
+    return round(1.0 / (1.0 + (disagreement_ms / HALF_CONFIDENCE_DISAGREEMENT_MS) ** 2), 3)

@@ -135,8 +135,13 @@ async def get_result(
         duration=result["duration"],
         backend=result["backend"],
         model=result["model"],
-        words=[WordTiming(text, start, end) for text, start, end in result["words"]],
+        words=[_stored_word(*entry) for entry in result["words"]],
     )
+
+
+def _stored_word(text: str, start: float, end: float, confidence: float | None = None, flags: list[str] = ()) -> WordTiming:
+    """A stored word; results stored before confidence existed have none (null in the answer)."""
+    return WordTiming(text, start, end, confidence, tuple(flags))
 
 
 async def list_page(

@@ -30,6 +30,9 @@ def render_alignment(
         duration=duration,
         backend=backend,
         model=model,
-        words=[WordOut(text=word.text, start=word.start, end=word.end) for word in words],
+        words=[
+            WordOut(text=word.text, start=word.start, end=word.end, confidence=word.confidence, flags=list(word.flags))
+            for word in words
+        ],
     )
     return JSONResponse(body.model_dump())

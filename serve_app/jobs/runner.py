@@ -106,7 +106,7 @@ def result_document(alignment: Alignment, backend: BackendInfo) -> dict:
         "duration": alignment.duration,
         "backend": backend.name,
         "model": backend.model,
-        "words": [[word.text, word.start, word.end] for word in alignment.words],
+        "words": [[word.text, word.start, word.end, word.confidence, list(word.flags)] for word in alignment.words],
     }
 
 

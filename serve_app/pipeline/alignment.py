@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable, Sequence
+import dataclasses
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -153,7 +154,7 @@ class AudioAligner:
                 raise problem
             done.windows += 1
             await progress(done)
-            return [UnitTiming(timing.text, timing.start + window.start, timing.end + window.start) for timing in outcome]
+            return [dataclasses.replace(timing, start=timing.start + window.start, end=timing.end + window.start) for timing in outcome]
 
         def located(frontier_s: float) -> None:
             done.audio_seconds = frontier_s

@@ -145,8 +145,8 @@ async def _align_span(window: Window, units: Sequence[str], align: AlignWindow) 
 
 
 def _clamp(span: Span, window: Window) -> Span:
-    start = min(max(span[0], window.start), window.end)
-    return start, min(max(span[1], start), window.end)
+    start = min(max(span.start, window.start), window.end)
+    return dataclasses.replace(span, start=start, end=min(max(span.end, start), window.end))
 
 
 def mismatch(window: Window) -> Problem:
@@ -203,10 +203,11 @@ class _Loudness:
 
     def trimmed(self, span: Span) -> Span:
         """The span without its quiet start and end (a word that absorbed a pause); as is when all quiet."""
-        loud = self._loud_frames(*span)
+        loud = self._loud_frames(span.start, span.end)
         if not loud.size:
             return span
-        return max(span[0], int(loud[0]) * ENVELOPE_FRAME_S), min(span[1], (int(loud[-1]) + 1) * ENVELOPE_FRAME_S)
+        start = max(span.start, int(loud[0]) * ENVELOPE_FRAME_S)
+        return dataclasses.replace(span, start=start, end=min(span.end, (int(loud[-1]) + 1) * ENVELOPE_FRAME_S))
 
     def pause_midpoints(self, min_pause_s: float) -> list[float]:
         """The middle of every quiet stretch of at least `min_pause_s`, in file time."""
@@ -238,7 +239,7 @@ class _Walk:
             if self._duration - self._frontier_time <= self._settings.max_window_s:
                 last = Window(self._frontier_time, self._duration, self._frontier_unit, len(self._units))
                 spans = await _align_span(last, self._units, self._align)
-                silent = sum(1 for span in spans if span is None or not self._loudness.has_speech(*span))
+                silent = sum(1 for span in spans if span is None or not self._loudness.has_speech(span.start, span.end))
                 if silent > len(spans) * _MAX_SILENT_SHARE:  # the text left was placed on silence
                     raise mismatch(last)
                 self.spans[last.first_unit :] = spans
@@ -264,14 +265,14 @@ class _Walk:
         # The last units are unsettled because, with speech after them, they may have been
         # stretched over it; given every unit left, or followed by no speech, they were not.
         last = next((span for span in reversed(spans) if span is not None), None)
-        exact = window.stop_unit == len(self._units) or (last is not None and not self._loudness.has_speech(last[1] + _SMOOTHING_S, end))
+        exact = window.stop_unit == len(self._units) or (last is not None and not self._loudness.has_speech(last.end + _SMOOTHING_S, end))
         tail = 0 if exact else settings.tail_units
         settled = self._settled_count(spans[: max(len(spans) - tail, 0)], end)
         if settled == 0:
             self._skip_silence(window)
             return
-        last_end = spans[settled - 1][1]
-        following = next((span[0] for span in spans[settled:] if span is not None), end)
+        last_end = spans[settled - 1].end
+        following = next((span.start for span in spans[settled:] if span is not None), end)
         self.spans[first : first + settled] = spans[:settled]
         self._frontier_time = self._frontier(last_end, following)
         self._frontier_unit = first + settled
@@ -282,14 +283,14 @@ class _Walk:
         for index, span in enumerate(candidates):
             if span is None:
                 continue
-            if span[1] > end - self._settings.guard_s or self._placed_on_silence(span):
+            if span.end > end - self._settings.guard_s or self._placed_on_silence(span):
                 break
             settled = index + 1
         return settled
 
     def _placed_on_silence(self, span: Span) -> bool:
         """A unit longer than a short function word with no speech in it: an artefact of wrong text."""
-        return span[1] - span[0] > _LONGEST_QUIET_WORD_S and not self._loudness.has_speech(*span)
+        return span.end - span.start > _LONGEST_QUIET_WORD_S and not self._loudness.has_speech(span.start, span.end)
 
     def _frontier(self, last_end: float, following: float) -> float:
         """Where the next window starts: in the pause before the next unit, if there is one; else at the last end.
@@ -380,18 +381,18 @@ def _segments(speech: list[Span | None], start: float, end: float, pauses: list[
     unit goes to the stretch holding its middle (never to one before its predecessor's).
     """
     timed = [span for span in speech if span is not None]
-    starts = [span[0] for span in timed]
+    starts = [span.start for span in timed]
     cuts = [start]
     for pause in pauses:
         before = bisect.bisect_right(starts, pause) - 1
-        if cuts[-1] < pause < end and (before < 0 or timed[before][1] <= pause):
+        if cuts[-1] < pause < end and (before < 0 or timed[before].end <= pause):
             cuts.append(pause)
     cuts.append(end)
     segment_of = []
     current = 0
     for span in speech:
         if span is not None:
-            current = max(current, min(bisect.bisect_right(cuts, (span[0] + span[1]) / 2) - 1, len(cuts) - 2))
+            current = max(current, min(bisect.bisect_right(cuts, (span.start + span.end) / 2) - 1, len(cuts) - 2))
         segment_of.append(current)
     windows = []
     first = 0

@@ -10,15 +10,19 @@ serve_app.pipeline.windows); `word_timings` turns the spans of all units into th
 
 Guarantees of `word_timings` (tested): one entry per input word, in order, text unchanged;
 0 <= start <= end <= audio duration; starts never decrease and no word ends after the next starts.
+A word's confidence is its least confident unit's, and it carries every flag of its units; a word
+no unit of which got a time is placed with confidence 0 and flagged `interpolated`.
 """
 
 from __future__ import annotations
 
 import unicodedata
+from collections.abc import Iterable
 from dataclasses import dataclass
 from difflib import SequenceMatcher
 from typing import Protocol, Sequence
 
+from serve_app.text.flags import INTERPOLATED
 from serve_app.text.transcript import Transcript
 
 
@@ -28,9 +32,34 @@ class UnitTiming(Protocol):
     text: str
     start: float
     end: float
+    confidence: float
+    flags: tuple[str, ...]
 
 
-Span = tuple[float, float]  # (start, end) seconds
+@dataclass(frozen=True)
+class Span:
+    """Where a unit (or a stretch of units) was aligned: seconds, how sure, and any flags."""
+
+    start: float
+    end: float
+    confidence: float
+    flags: tuple[str, ...] = ()
+
+    @classmethod
+    def of(cls, timing: UnitTiming) -> "Span":
+        return cls(timing.start, timing.end, timing.confidence, tuple(timing.flags))
+
+    @classmethod
+    def covering(cls, spans: Iterable["Span"]) -> "Span":
+        """From the first start to the last end, as sure as the least sure, with every flag."""
+        spans = list(spans)
+        flags = dict.fromkeys(flag for span in spans for flag in span.flags)
+        return cls(
+            min(span.start for span in spans),
+            max(span.end for span in spans),
+            min(span.confidence for span in spans),
+            tuple(flags),
+        )
 
 
 @dataclass(frozen=True)
@@ -38,6 +67,8 @@ class WordTiming:
     text: str
     start: float
     end: float
+    confidence: float | None  # 0..1; None only in job results stored before confidence existed
+    flags: tuple[str, ...] = ()
 
 
 def _fold(text: str) -> str:
@@ -50,14 +81,12 @@ def _char_spans(units: Sequence[str], items: Sequence[UnitTiming]) -> list[Span 
     unit_of_char = [index for index, unit in enumerate(units) for _ in _fold(unit)]
     item_of_char = [index for index, item in enumerate(items) for _ in _fold(item.text)]
     ours, theirs = "".join(_fold(unit) for unit in units), "".join(_fold(item.text) for item in items)
-    spans: list[Span | None] = [None] * len(units)
+    covering: list[dict[int, Span]] = [{} for _ in units]  # per unit: the items covering its characters
     for block in SequenceMatcher(a=ours, b=theirs, autojunk=False).get_matching_blocks():
         for offset in range(block.size):
-            unit = unit_of_char[block.a + offset]
-            item = items[item_of_char[block.b + offset]]
-            current = spans[unit]
-            spans[unit] = (item.start, item.end) if current is None else (min(current[0], item.start), max(current[1], item.end))
-    return spans
+            item_index = item_of_char[block.b + offset]
+            covering[unit_of_char[block.a + offset]][item_index] = Span.of(items[item_index])
+    return [Span.covering(found.values()) if found else None for found in covering]
 
 
 def unit_spans(units: Sequence[str], timings: Sequence[UnitTiming]) -> list[Span | None]:
@@ -71,8 +100,7 @@ def unit_spans(units: Sequence[str], timings: Sequence[UnitTiming]) -> list[Span
     for tag, unit_start, unit_end, item_start, item_end in matcher.get_opcodes():
         if tag == "equal":
             for offset in range(unit_end - unit_start):
-                item = timings[item_start + offset]
-                spans[unit_start + offset] = (item.start, item.end)
+                spans[unit_start + offset] = Span.of(timings[item_start + offset])
         elif tag == "replace":
             spans[unit_start:unit_end] = _char_spans(units[unit_start:unit_end], timings[item_start:item_end])
     return spans
@@ -85,7 +113,7 @@ def word_timings(transcript: Transcript, spans: Sequence[Span | None], audio_sec
     for word in transcript.words:
         word_spans = [span for span in spans[unit_index : unit_index + len(word.units)] if span is not None]
         unit_index += len(word.units)
-        raw.append((min(s for s, _ in word_spans), max(e for _, e in word_spans)) if word_spans else None)
+        raw.append(Span.covering(word_spans) if word_spans else None)
     return _monotonic(transcript, raw, audio_seconds)
 
 
@@ -99,7 +127,7 @@ def _monotonic(transcript: Transcript, raw: list[Span | None], audio_seconds: fl
     upcoming = audio_seconds
     for index in range(len(raw) - 1, -1, -1):
         if raw[index] is not None:
-            upcoming = raw[index][0]
+            upcoming = raw[index].start
         next_timed_start[index] = upcoming
 
     def clamp(value: float) -> float:
@@ -113,13 +141,19 @@ def _monotonic(transcript: Transcript, raw: list[Span | None], audio_seconds: fl
             anchor = ends[-1] if ends else next_timed_start[index]
             start = end = max(clamp(anchor), previous_start)
         else:
-            start = max(clamp(span[0]), previous_start)
-            end = max(clamp(span[1]), start)
+            start = max(clamp(span.start), previous_start)
+            end = max(clamp(span.end), start)
         if ends and ends[-1] > start:
             ends[-1] = start  # keeps ends[-1] >= starts[-1] because start >= previous_start
         starts.append(start)
         ends.append(end)
     return [
-        WordTiming(word.text, round(start, 3), round(end, 3))
-        for word, start, end in zip(transcript.words, starts, ends)
+        WordTiming(word.text, round(start, 3), round(end, 3), *_sureness(span))
+        for word, start, end, span in zip(transcript.words, starts, ends, raw)
     ]
+
+
+def _sureness(span: Span | None) -> tuple[float, tuple[str, ...]]:
+    if span is None:
+        return 0.0, (INTERPOLATED,)
+    return round(min(max(span.confidence, 0.0), 1.0), 3), span.flags

@@ -46,7 +46,7 @@ TEST_PLANS = {
     "ten-audio-seconds": {"requests_burst": 1000, "requests_per_minute": 1000, "audio_seconds_burst": 10, "audio_seconds_per_hour": 0.001, "max_audio_seconds": 10},
     "hour-of-audio": {"requests_burst": 1000, "requests_per_minute": 1000, "audio_seconds_burst": 3600, "audio_seconds_per_hour": 0.001},
     "two-at-once": {"requests_burst": 1000, "requests_per_minute": 1000, "audio_seconds_burst": 1e6, "audio_seconds_per_hour": 1e6, "max_concurrent_requests": 2},
-    "one-request-per-2s": {"requests_burst": 1, "requests_per_minute": 30, "audio_seconds_burst": 1e6, "audio_seconds_per_hour": 1e6},
+    "one-request-per-6s": {"requests_burst": 1, "requests_per_minute": 10, "audio_seconds_burst": 1e6, "audio_seconds_per_hour": 1e6},
     "two-jobs": {"requests_burst": 1000, "requests_per_minute": 1000, "audio_seconds_burst": 1e6, "audio_seconds_per_hour": 1e6, "max_active_jobs": 2},
 }
 # Job runners: a dead runner's jobs are redelivered within seconds, retries start at once.

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from aligner_client import Client
+from aligner_client import NO_RETRIES, Client, RateLimited, Unavailable
 from bench.long_audio import plan_recording, samples
 from deployments.backends.base import SAMPLE_RATE
 from tests.conftest import EVAL_DIR, TEST_QWEN3_JOB_RETENTION_S, create_api_key
@@ -138,6 +138,17 @@ def test_a_folder_of_good_and_bad_files_then_a_second_run_skips_what_was_done(se
     assert sorted(line.split(":")[0] for line in quiet.stderr.splitlines()) == ["failed blip.wav", "failed dup.mp3", "failed dup.wav", "failed notes.mp3", "failed orphan.wav"]
 
 
+def _jobs_listed(serve_url: str, key: str) -> bool:
+    """Whether the key has a job yet. Asked without retries: a loaded service sheds the listing (503,
+    Retry-After) and a patient client would wait while the batch runs to its end, leaving nothing to
+    interrupt."""
+    try:
+        with Client(serve_url, api_key=key, retry=NO_RETRIES) as client:
+            return bool(list(client.jobs()))
+    except (Unavailable, RateLimited):
+        return False
+
+
 def test_an_interrupted_batch_resumes_with_the_job_it_had_started(serve_url, redis_server, tmp_path, long_recording):
     audio, texts = folder_of(tmp_path, long_recording, bad=False)
     out = tmp_path / "out"
@@ -147,7 +158,7 @@ def test_an_interrupted_batch_resumes_with_the_job_it_had_started(serve_url, red
     process = subprocess.Popen(arguments, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     with Client(serve_url, api_key=key) as client:
         deadline = time.monotonic() + 60
-        while not list(client.jobs()):
+        while not _jobs_listed(serve_url, key):
             assert time.monotonic() < deadline and process.poll() is None, "the batch never submitted its job"
             time.sleep(0.2)
         process.send_signal(signal.SIGINT)

@@ -105,6 +105,23 @@ def test_align_json_returns_callers_words_with_accurate_times(client, eval_utter
         abs(got[edge] - want[edge]) for got, want in zip(body["words"], utterance["words"]) for edge in ("start", "end")
     ]
     assert np.mean(errors) < 0.06  # the accuracy figure proper is measured by bench/accuracy.py
+    assert all(0 <= word["confidence"] <= 1 and word["flags"] == [] for word in body["words"])
+
+
+def test_a_word_with_no_time_is_flagged_interpolated_with_no_confidence(client, eval_utterances):
+    utterance = eval_utterances[0]
+    response = post_align(client, eval_clip(utterance), "— " + utterance["transcript"])
+    assert response.status_code == 200, response.text
+    dash, *spoken = response.json()["words"]
+    assert (dash["confidence"], dash["flags"]) == (0.0, ["interpolated"])
+    assert all(word["flags"] == [] for word in spoken)
+
+
+def test_openapi_documents_confidence_and_flags(client):
+    word = client.get("/v1/openapi.json").json()["components"]["schemas"]["WordOut"]
+    assert set(word["required"]) >= {"text", "start", "end", "confidence", "flags"}
+    assert word["properties"]["flags"]["items"]["enum"] == ["interpolated", "repaired"]
+    assert "twice the boundary error" in word["properties"]["confidence"]["description"]
 
 
 @pytest.mark.parametrize("container", ["flac", "mp3", "ogg-opus", "m4a", "webm"])

@@ -6,6 +6,7 @@ boundary metric that bench/accuracy.py reports.
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 import textwrap
@@ -69,6 +70,19 @@ def test_every_word_has_a_confidence_and_no_flag_when_all_were_aligned(backend, 
     for answer in backend.align_batch([utterance.job() for utterance in utterances]):
         assert all(0.0 <= timing.confidence <= 1.0 for timing in answer)
         assert all(timing.flags == () for timing in answer)
+
+
+def test_a_draft_gets_one_pass_and_no_confidence(backend, utterances):
+    """A long file's locating window: realigned later, so the second pass would be wasted."""
+    job = utterances[0].job()
+    (draft,) = backend.align_batch([dataclasses.replace(job, draft=True)])
+    (final,) = backend.align_batch([job])
+    assert_well_formed(job, draft)
+    assert all(timing.confidence == 0.0 and timing.flags == () for timing in draft)
+    assert any(timing.confidence > 0.5 for timing in final)
+    assert score_alignments([(utterances[0].words, draft)]).mean_ms < 40
+    # The plain pass on its own: times on the 10 ms frame grid (the final mean of two is on a 5 ms one).
+    assert all(round(timing.start * 100, 6).is_integer() for timing in draft if timing.start > 0)
 
 
 @pytest.mark.parametrize("variant", ["clean", "padded-3s"])

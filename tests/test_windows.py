@@ -116,12 +116,14 @@ def test_a_long_file_recovers_every_true_time_through_many_windows(seed):
     assert spans == [pytest.approx(span) for span in truth]
     assert all(window.end - window.start <= 60.0 + 1e-9 for window in aligner.windows)
     assert aligner.most_in_flight > 1  # the refining jobs run concurrently
+    locating = [window for window in aligner.windows if window.locating]
+    assert 0 < len(locating) < len(aligner.windows)  # the walk's windows are drafts, the segments are not
 
 
 def test_a_file_within_one_window_is_one_job_with_all_its_text():
     truth, duration = _speech(4, utterances=6)
     spans, aligner = _run(truth, duration, _settings(duration + 1))
-    assert aligner.windows == [Window(0.0, duration, 0, len(truth))]
+    assert aligner.windows == [Window(0.0, duration, 0, len(truth))]  # one final job, not a draft
     assert spans == [pytest.approx(span) for span in truth]
 
 

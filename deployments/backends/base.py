@@ -28,6 +28,9 @@ class AlignmentJob:
     audio: np.ndarray  # float32, mono, SAMPLE_RATE, values in [-1, 1]
     units: tuple[str, ...]  # normalised alignment units, in spoken order; never empty
     language: str  # canonical language name, one of serve_app.text.languages.LANGUAGES
+    # A draft only locates the text in a long file; a later job aligns it again. A backend may skip
+    # what only sharpens times (PocketSphinx: its second pass; the units' confidence is then 0).
+    draft: bool = False
 
 
 @dataclass(frozen=True)

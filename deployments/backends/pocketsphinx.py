@@ -13,7 +13,8 @@ two passes' frames straddle each other, so:
   the dev set and its degraded variants (bench/accuracy.py): words under 0.5 have about twice the
   boundary error of the rest.
 A very noisy recording (about 10 dB SNR or worse) is aligned on a denoised copy (`denoise`).
-Then `speech_edges.keep_out_of_silence` takes every word edge out of silence (a first word that
+A draft job (a long file's locating window, realigned later: `AlignmentJob.draft`) gets the plain
+pass only, confidence 0. Then `speech_edges.keep_out_of_silence` takes every word edge out of silence (a first word that
 absorbed the leading silence, a last one the trailing silence, either side of a pause).
 
 Search beams: a ladder, per pass. Jobs up to 30 s are searched with the library's own beams first,
@@ -189,22 +190,23 @@ class PocketSphinxBackend:
         pronunciations = self._pronounce(job.units)
         words = [entry.word for entry in pronunciations]
         heard = subtract_noise(job.audio) if is_very_noisy(job.audio) else job.audio
-        passes = self._both_passes(pronunciations, heard, duration)
+        passes = self._passes(pronunciations, heard, duration, draft=job.draft)
         if passes is None:
             raise AlignmentFailed(
                 "no-alignment-found",
                 f"no alignment of {len(job.units)} units to {duration:.1f} s of audio, even with the widest search",
             )
-        plain, late = (_unit_bounds(words, segments, self._wide.frames_per_second, offset) for segments, offset in passes)
+        frame_rate = self._wide.frames_per_second
+        plain, late = (None if found is None else _unit_bounds(words, *found, frame_rate) for found in passes)
         return keep_out_of_silence(job.audio, _combined(job.units, plain, late, duration))
 
-    def _both_passes(
-        self, pronunciations: Sequence[Pronunciation], audio: np.ndarray, duration: float
-    ) -> tuple[tuple[list[_Segment], float], tuple[list[_Segment], float]] | None:
-        """(segments, audio offset in s) of the plain pass and of the half-frame-late one; None if
-        either finds no path even on the widest beams."""
+    def _passes(
+        self, pronunciations: Sequence[Pronunciation], audio: np.ndarray, duration: float, draft: bool
+    ) -> tuple[tuple[list[_Segment], float], tuple[list[_Segment], float] | None] | None:
+        """(segments, audio offset in s) of the plain pass and of the half-frame-late one (None for
+        a draft); None if a pass finds no path even on the widest beams."""
         pcm = _to_pcm16(audio)
-        delayed_pcm = _to_pcm16(np.concatenate([np.zeros(SECOND_PASS_DELAY_SAMPLES, np.float32), audio]))
+        delayed_pcm = None if draft else _to_pcm16(np.concatenate([np.zeros(SECOND_PASS_DELAY_SAMPLES, np.float32), audio]))
         ladder = [self._library, self._wide] if duration <= LIBRARY_BEAMS_UP_TO_S else [self._wide]
         passes = _passes_on(ladder, pronunciations, pcm, delayed_pcm)
         return passes if passes is not None else _passes_on([self._widest_decoder()], pronunciations, pcm, delayed_pcm)
@@ -228,10 +230,12 @@ class PocketSphinxBackend:
 
 
 def _passes_on(
-    decoders: Sequence[_AligningDecoder], pronunciations: Sequence[Pronunciation], pcm: bytes, delayed_pcm: bytes
-) -> tuple[tuple[list[_Segment], float], tuple[list[_Segment], float]] | None:
+    decoders: Sequence[_AligningDecoder], pronunciations: Sequence[Pronunciation], pcm: bytes, delayed_pcm: bytes | None
+) -> tuple[tuple[list[_Segment], float], tuple[list[_Segment], float] | None] | None:
     plain = _first_path(decoders, pronunciations, pcm)
-    late = None if plain is None else _first_path(decoders, pronunciations, delayed_pcm)
+    if plain is None or delayed_pcm is None:
+        return None if plain is None else ((plain, 0.0), None)
+    late = _first_path(decoders, pronunciations, delayed_pcm)
     return None if late is None else ((plain, 0.0), (late, SECOND_PASS_DELAY_SAMPLES / SAMPLE_RATE))
 
 
@@ -252,7 +256,7 @@ def _to_pcm16(audio: np.ndarray) -> bytes:
 
 
 def _unit_bounds(
-    words: Sequence[str], segments: Sequence[_Segment], frame_rate: int, offset: float
+    words: Sequence[str], segments: Sequence[_Segment], offset: float, frame_rate: int
 ) -> list[tuple[float, float] | None]:
     """(start, end) seconds per word of one pass, taking the segments of the expected words in order.
 
@@ -276,13 +280,14 @@ def _unit_bounds(
 def _combined(
     units: Sequence[str],
     plain: Sequence[tuple[float, float] | None],
-    late: Sequence[tuple[float, float] | None],
+    late: Sequence[tuple[float, float] | None] | None,
     duration: float,
 ) -> list[UnitTiming]:
     """One timing per unit: the two passes' mean, its confidence from how far they disagree.
 
-    A unit either pass lost is placed with zero length at the end of the previous unit, confidence
-    0 and flagged interpolated, so the count always matches.
+    With no late pass (a draft) the plain pass's times, confidence 0: nothing confirmed them. A unit
+    either pass lost is placed with zero length at the end of the previous unit, confidence 0 and
+    flagged interpolated, so the count always matches.
     """
 
     def clamped(value: float) -> float:
@@ -290,14 +295,14 @@ def _combined(
 
     timings: list[UnitTiming] = []
     previous_end = 0.0
-    for unit, first, second in zip(units, plain, late, strict=True):
+    for unit, first, second in zip(units, plain, plain if late is None else late, strict=True):
         if first is None or second is None:
             timings.append(UnitTiming(unit, previous_end, previous_end, 0.0, (INTERPOLATED,)))
             continue
         start = max(clamped((first[0] + second[0]) / 2), previous_end)
         end = max(clamped((first[1] + second[1]) / 2), start)
         disagreement_ms = (abs(first[0] - second[0]) + abs(first[1] - second[1])) / 2 * 1000
-        timings.append(UnitTiming(unit, start, end, _confidence(disagreement_ms)))
+        timings.append(UnitTiming(unit, start, end, 0.0 if late is None else _confidence(disagreement_ms)))
         previous_end = end
     return timings
 

@@ -145,7 +145,8 @@ class AudioAligner:
 
         async def align_window(window: Window) -> Sequence[UnitTiming]:
             first, stop = round(window.start * SAMPLE_RATE), round(window.end * SAMPLE_RATE)
-            job = AlignmentJob(read_samples(audio.pcm_path, first, stop), tuple(units[window.first_unit : window.stop_unit]), transcript.language)
+            samples = read_samples(audio.pcm_path, first, stop)
+            job = AlignmentJob(samples, tuple(units[window.first_unit : window.stop_unit]), transcript.language, draft=window.locating)
             outcome = await self._align(job)
             problem = alignment_problem(outcome, self._retry_after_s)
             if problem is not None:

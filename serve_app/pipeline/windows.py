@@ -103,6 +103,7 @@ class Window:
     end: float
     first_unit: int
     stop_unit: int
+    locating: bool = False  # a walk window: its times find the text, the refining pass measures them
 
 
 AlignWindow = Callable[[Window], Awaitable[Sequence[UnitTiming]]]
@@ -237,7 +238,7 @@ class _Walk:
         """Walk to the end of the file, telling `settled` the frontier after each step."""
         while self._frontier_unit < len(self._units):
             if self._duration - self._frontier_time <= self._settings.max_window_s:
-                last = Window(self._frontier_time, self._duration, self._frontier_unit, len(self._units))
+                last = Window(self._frontier_time, self._duration, self._frontier_unit, len(self._units), locating=True)
                 spans = await _align_span(last, self._units, self._align)
                 silent = sum(1 for span in spans if span is None or not self._loudness.has_speech(span.start, span.end))
                 if silent > len(spans) * _MAX_SILENT_SHARE:  # the text left was placed on silence
@@ -254,7 +255,7 @@ class _Walk:
         end = self._loudness.quietest(target_end - settings.window_s * _CUT_SEARCH_SHARE, target_end)
         wanted = max(math.ceil(self._rate * self._loudness.speech_seconds(start, end) * (1 + settings.text_margin)), 1)
         for attempt in range(_FEWER_UNITS_RETRIES + 1):
-            window = Window(start, end, first, min(first + wanted, len(self._units)))
+            window = Window(start, end, first, min(first + wanted, len(self._units)), locating=True)
             try:
                 spans = await _align_span(window, self._units, self._align)
                 break

@@ -22,8 +22,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import redis
 
-from aligner_client import NO_RETRIES, Client, RateLimited, Unavailable
+from aligner_client import Client
 from bench.long_audio import plan_recording, samples
 from deployments.backends.base import SAMPLE_RATE
 from tests.conftest import EVAL_DIR, TEST_QWEN3_JOB_RETENTION_S, create_api_key
@@ -138,15 +139,14 @@ def test_a_folder_of_good_and_bad_files_then_a_second_run_skips_what_was_done(se
     assert sorted(line.split(":")[0] for line in quiet.stderr.splitlines()) == ["failed blip.wav", "failed dup.mp3", "failed dup.wav", "failed notes.mp3", "failed orphan.wav"]
 
 
-def _jobs_listed(serve_url: str, key: str) -> bool:
-    """Whether the key has a job yet. Asked without retries: a loaded service sheds the listing (503,
-    Retry-After) and a patient client would wait while the batch runs to its end, leaving nothing to
-    interrupt."""
+def _active_jobs(redis_server) -> int:
+    """Queued and running jobs of every owner, read from Redis: asked over HTTP, a loaded service
+    may shed or delay the question until the batch has run to its end, leaving nothing to interrupt."""
+    store = redis.Redis.from_url(redis_server.url)
     try:
-        with Client(serve_url, api_key=key, retry=NO_RETRIES) as client:
-            return bool(list(client.jobs()))
-    except (Unavailable, RateLimited):
-        return False
+        return sum(store.scard(key) for key in store.scan_iter(match="*:jobs:active:*"))
+    finally:
+        store.close()
 
 
 def test_an_interrupted_batch_resumes_with_the_job_it_had_started(serve_url, redis_server, tmp_path, long_recording):
@@ -155,10 +155,11 @@ def test_an_interrupted_batch_resumes_with_the_job_it_had_started(serve_url, red
     key = create_api_key(redis_server, "cli-resume", ["align"], "unlimited")
     env = cli_env(serve_url, key)
     arguments = [FORCED_ALIGN, "batch", str(audio), "--transcripts", str(texts), "--out", str(out), "--format", "vtt"]
+    already_active = _active_jobs(redis_server)
     process = subprocess.Popen(arguments, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     with Client(serve_url, api_key=key) as client:
         deadline = time.monotonic() + 60
-        while not _jobs_listed(serve_url, key):
+        while _active_jobs(redis_server) <= already_active:
             assert time.monotonic() < deadline and process.poll() is None, "the batch never submitted its job"
             time.sleep(0.2)
         process.send_signal(signal.SIGINT)

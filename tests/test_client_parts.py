@@ -64,32 +64,3 @@ def test_an_alignment_keeps_each_words_confidence_and_flags_and_reads_older_answ
     assert alignment.to_json() == body
     older = dict(body, words=[{"text": "one", "start": 0.1, "end": 0.4}])
     assert Alignment.from_json(older).words[0].confidence is None
-
-
-def test_a_cancelled_request_that_comes_back_as_a_transport_error_is_not_retried():
-    """httpx can turn a cancellation in flight into a transport error; Ctrl-C must still stop the client."""
-    import asyncio
-
-    from aligner_client.aio import AsyncClient
-
-    calls = []
-
-    class TornDown(httpx.AsyncBaseTransport):
-        async def handle_async_request(self, request):
-            calls.append(request.url.path)
-            try:
-                await asyncio.sleep(30)
-            except asyncio.CancelledError:
-                raise httpx.ReadError("connection torn down") from None  # the cancellation swallowed
-            raise AssertionError("never answered")
-
-    async def scenario():
-        async with AsyncClient("http://aligner.test", api_key="k", transport=TornDown(), retry=RetryPolicy(backoff_s=0.01)) as client:
-            task = asyncio.create_task(client.job("some-id"))
-            await asyncio.sleep(0.1)
-            task.cancel()
-            with pytest.raises(asyncio.CancelledError):
-                await task
-
-    asyncio.run(scenario())
-    assert calls == ["/v1/jobs/some-id"]  # one try: not retried after the cancellation

@@ -63,7 +63,6 @@ class AsyncClient:
             else:
                 await asyncio.sleep(step.seconds)
                 reply = None
-            _stop_if_cancelled()
 
     async def align(self, audio: Audio, transcript: str, language: str | None = None, format: str = "json") -> Alignment | str:
         return await self.run(protocol.align(protocol.upload_of(audio), transcript, language, format, self.retry))
@@ -113,16 +112,3 @@ class AsyncJob:
 
     async def cancel(self) -> JobInfo | None:
         return await self.client.cancel(self.id)
-
-
-def _stop_if_cancelled() -> None:
-    """Raise CancelledError if the running task has been cancelled.
-
-    A request cancelled in flight can come back from httpx as a transport error instead (the
-    connection torn down under it), which the protocol would retry: the cancellation, Ctrl-C in
-    `forced-align`, would be lost and the command run on (seen under load in tests/test_cli.py).
-    """
-    task = asyncio.current_task()
-    cancelling = getattr(task, "cancelling", None)  # Python 3.11+; 3.10 delivers cancellation as is
-    if cancelling is not None and cancelling():
-        raise asyncio.CancelledError

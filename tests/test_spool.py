@@ -22,6 +22,17 @@ def test_a_missing_directory_is_created_private(tmp_path):
     assert mode(tmp_path / "spool") == 0o700
 
 
+def test_the_job_spool_made_first_leaves_the_request_spool_private(tmp_path):
+    """The job runner's spool lives inside the request spool; whichever replica starts first makes it."""
+    old = os.umask(0o022)
+    try:
+        Spool(tmp_path / "spool" / "jobs")
+        Spool(tmp_path / "spool")  # refused (open to others) when its parent was made with the umask's mode
+    finally:
+        os.umask(old)
+    assert mode(tmp_path / "spool") == 0o700 and mode(tmp_path / "spool" / "jobs") == 0o700
+
+
 def test_a_directory_open_to_group_or_others_is_refused(tmp_path):
     directory = tmp_path / "shared"
     directory.mkdir(mode=0o750)

@@ -94,7 +94,12 @@ class Spool:
 
     def __init__(self, directory: str | Path):
         path = Path(directory).absolute()
-        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        # Each missing directory, parents too, made 0700 (mkdir(parents=True) makes parents with the
+        # umask's mode): the job spool inside the request spool, made first by another replica,
+        # must not leave the request spool open to others.
+        for missing in reversed([path, *path.parents]):
+            if not missing.exists():
+                missing.mkdir(mode=0o700, exist_ok=True)
         # realpath: remove() compares parents, which must not depend on how the path was spelt.
         self._directory = os.path.realpath(path)
         status = os.stat(self._directory)

@@ -249,6 +249,30 @@ def test_wav_with_big_bext_and_list_chunks_before_fmt_needs_no_skipping():
     assert decoded.duration_seconds == pytest.approx(2.0, abs=1e-3)
 
 
+@pytest.mark.parametrize(
+    "upload",
+    [
+        encode(tone(3.0, 16_000), 16_000, "wav"),
+        encode(tone(2.0, 44_100, channels=2), 44_100, "wav"),
+        encode(tone(1.0, 48_000, channels=6), 48_000, "wav"),
+        wav_with_chunks_before_fmt(encode(tone(2.0, 22_050), 22_050, "wav"), [(b"LIST", b"INFO" + b"ICMT" + (9).to_bytes(4, "little") + b"c" * 9 + b"\x00")]),
+    ],
+    ids=["16k-mono", "44k-stereo", "48k-5.1", "list-before-fmt"],
+)
+def test_wav_opened_from_its_header_alone_decodes_as_with_the_full_probe(upload: bytes, monkeypatch):
+    """WAV skips FFmpeg's stream probe (decode.WAV_HEADER_ONLY_PROBE); nothing it decodes may change."""
+    from serve_app.media import decode
+
+    fast = _decode(upload, "wav")
+    monkeypatch.setattr(decode, "WAV_HEADER_ONLY_PROBE", {})
+    assert container_options("wav").get("probesize") is None
+    probed = _decode(upload, "wav")
+    assert (fast.sample_count, fast.source_sample_rate, fast.source_channels, fast.codec) == (
+        probed.sample_count, probed.source_sample_rate, probed.source_channels, probed.codec,
+    )
+    assert np.array_equal(fast.samples, probed.samples) and fast.sample_count > 0
+
+
 def test_repeated_id3v2_tags_are_all_skipped():
     mp3 = encode(tone(2.0, 16_000), 16_000, "mp3")  # already starts with a small ID3v2.4 tag
     upload = with_cover_art(with_cover_art(mp3, BIG_COVER), BIG_COVER)

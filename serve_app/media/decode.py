@@ -99,7 +99,15 @@ def container_options(demuxer: str) -> dict[str, str]:
     if demuxer == "mov":
         # Off by default; pinned so a changed default can never make FFmpeg open other files.
         options |= {"enable_drefs": "0", "use_absolute_path": "0"}
+    if demuxer == "wav":
+        options |= WAV_HEADER_ONLY_PROBE
     return options
+
+
+# The WAV header describes its stream completely (codec, rate, channels, length), yet FFmpeg's
+# stream probe reads and parses up to 5 MB of it first: 18 ms for 3 s of 44.1 kHz stereo, 0.7 ms
+# without (bench.request_cost's scanner figure). The caps are checked on every decoded frame anyway.
+WAV_HEADER_ONLY_PROBE = {"probesize": "32", "analyzeduration": "0"}
 
 
 def decode_audio(source: BinaryIO, demuxer: str, limits: DecodeLimits, sink: SpoolWriter) -> DecodedAudio:

@@ -1,30 +1,53 @@
 """A bare pass-through graph with the same three hops and resources as ours, for bench/service.py.
 
-Ingress (FastAPI, reads the body) -> Scanner (returns the bytes as an array) -> Aligner
-(@serve.batch, returns one timing per word). No validation, decoding or alignment: the latency of
-this graph is what Serve's hops alone cost on this machine.
+Ingress (FastAPI, parses the multipart form) -> Scanner (reads the WAV into an array: no clamd, no
+sniffing, no caps) -> Aligner (the same continuous batcher as ours, deployments.batching). No
+authentication, limits, validation, windows or rendering: the latency of this graph is what Serve's
+hops alone cost on this machine. Its `backend` argument:
+- "none": the aligner answers one made-up timing per job (Serve's floor);
+- "pocketsphinx": the aligner runs the PocketSphinx backend on the batches, exactly as ours would
+  (the throughput our graph is compared with at concurrency 8).
 """
 
+import asyncio
+import io
+
+import soundfile
 from fastapi import FastAPI, Request
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-import numpy as np
+from deployments.backends.base import SAMPLE_RATE, AlignmentJob, JobOutcome, UnitTiming
+from deployments.batching import BatchLimits, ContinuousBatcher
+from serve_app.settings import AlignerOptions
 
 app = FastAPI()
 
 
 @serve.deployment(name="Scanner", ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=4)
 class BareScanner:
-    async def inspect(self, upload: np.ndarray) -> np.ndarray:
-        return upload
+    async def inspect(self, upload: bytes):
+        samples, _ = soundfile.read(io.BytesIO(upload), dtype="float32")
+        return samples
 
 
 @serve.deployment(name="Aligner", ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=16)
 class BareAligner:
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05)
-    async def align(self, payloads: list[np.ndarray]) -> list[list[tuple[str, float, float]]]:
-        return [[("word", 0.0, payload.size / 16000)] for payload in payloads]
+    def __init__(self, backend: str) -> None:
+        from deployments.backends.pocketsphinx import PocketSphinxBackend
+
+        self._backend = PocketSphinxBackend() if backend == "pocketsphinx" else None
+        options = AlignerOptions()
+        limits = BatchLimits(options.max_batch_size, options.max_batch_audio_seconds, options.max_background_batch_size)
+        self._batcher = ContinuousBatcher(self._run, lambda job: job.audio.size / SAMPLE_RATE, limits)
+
+    async def align(self, job: AlignmentJob) -> JobOutcome:
+        return await self._batcher.submit(job)
+
+    async def _run(self, jobs: list[AlignmentJob]) -> list[JobOutcome]:
+        if self._backend is None:
+            return [[UnitTiming(job.units[0], 0.0, job.audio.size / SAMPLE_RATE, 1.0)] for job in jobs]
+        return await asyncio.to_thread(self._backend.align_batch, jobs)
 
 
 @serve.deployment(name="Ingress", ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=32)
@@ -36,11 +59,12 @@ class BareIngress:
 
     @app.post("/v1/align")
     async def align(self, request: Request) -> dict:
-        body = await request.body()
-        audio = await self._scanner.inspect.remote(np.frombuffer(body, dtype=np.uint8))
-        words = await self._aligner.align.remote(audio)
-        return {"words": [{"text": text, "start": start, "end": end} for text, start, end in words]}
+        form = await request.form()
+        audio = await self._scanner.inspect.remote(await form["audio"].read())
+        units = tuple(str(form["text"]).split())
+        timings = await self._aligner.align.remote(AlignmentJob(audio, units, "English"))
+        return {"words": [{"text": timing.text, "start": timing.start, "end": timing.end} for timing in timings]}
 
 
 def build_app(args: dict) -> serve.Application:
-    return BareIngress.bind(BareScanner.bind(), BareAligner.bind())
+    return BareIngress.bind(BareScanner.bind(), BareAligner.bind(args.get("backend", "none")))

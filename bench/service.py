@@ -1,15 +1,17 @@
-"""What the service adds on top of Serve's own hops, and how well the aligner batches.
+"""What the service adds on top of Serve's own hops, and how well the aligner batches (issue 15).
 
 Deploys, on one local Ray cluster, from configs/serve.yaml:
-- "/":       our graph with the PocketSphinx backend;
-- "/qwen3":  our graph with the tiny random-weight Qwen3 checkpoint (real qwen_asr batched path);
-- "/bare":   bench/passthrough.py, the same three hops doing nothing (Serve's floor).
+- "/":         our graph with the PocketSphinx backend;
+- "/qwen3":    our graph with the tiny random-weight Qwen3 checkpoint (real qwen_asr batched path);
+- "/bare":     bench/passthrough.py, the same three hops doing nothing (Serve's floor);
+- "/bare-ps":  the same pass-through graph with the PocketSphinx backend in its aligner.
+All four batch with the same mechanism (deployments.batching: continuous batching).
 
-Then, for a 2.9 s eval clip, at concurrency 1 and 8:
-- p50 latency of POST /v1/align on "/" and on "/bare";
-- the backend's own time for the batch sizes the aligner actually formed, measured in-process;
-- overhead = p50(ours) - backend time, and overhead / p50(bare);
-- the aligner's mean batch size at concurrency 8 (target >= 4), for both backends.
+Then, for a 2.9 s eval clip:
+- concurrency 1: p50 of ours against p50(bare) + the backend's own time for that clip (measured
+  in-process, median of 7): target ratio <= 1.25;
+- concurrency 8: throughput and p50 of ours against "/bare-ps": targets >= 0.8x and <= 2.0x;
+- the aligner's mean batch size at concurrency 8, for both of our backends (target >= 4 for Qwen3).
 
     .venv/bin/python -m bench.service [--requests 64]
 """
@@ -21,6 +23,7 @@ import concurrent.futures
 import statistics
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import logging
@@ -34,6 +37,9 @@ from tests.support.cluster import ROOT, application_from_yaml, start_ray, start_
 CLIP = ROOT.parent / "shared" / "eval" / "emuR_ae" / "msajc003.wav"
 TRANSCRIPT = "amongst her friends she was considered beautiful"
 TARGET_MEAN_BATCH = 4.0
+TARGET_SINGLE_RATIO = 1.25
+TARGET_THROUGHPUT_RATIO = 0.8
+TARGET_LATENCY_RATIO = 2.0
 API_KEY = ""  # set by main() once the stack is up
 
 
@@ -51,16 +57,24 @@ def _timed_post(client: httpx.Client, path: str, audio: bytes) -> float:
 
 def warm_up(url: str, audio: bytes) -> None:
     with _client(url) as client:
-        for path in ("/v1/align", "/qwen3/v1/align", "/bare/v1/align"):
+        for path in ("/v1/align", "/qwen3/v1/align", "/bare/v1/align", "/bare-ps/v1/align"):
             for _ in range(3):
                 _timed_post(client, path, audio)
 
 
-def p50_latency(url: str, path: str, audio: bytes, concurrency: int, requests: int) -> float:
+@dataclass(frozen=True)
+class Run:
+    p50_s: float
+    requests_per_s: float
+
+
+def measure(url: str, path: str, audio: bytes, concurrency: int, requests: int) -> Run:
     with _client(url) as client:
         with concurrent.futures.ThreadPoolExecutor(max_workers=concurrency) as pool:
+            started = time.perf_counter()
             latencies = list(pool.map(lambda _: _timed_post(client, path, audio), range(requests)))
-    return statistics.median(latencies)
+            wall = time.perf_counter() - started
+    return Run(statistics.median(latencies), requests / wall)
 
 
 def batch_sizes(app_name: str) -> dict[int, int]:
@@ -104,7 +118,7 @@ def main() -> None:
     checkpoint = write_tiny_checkpoint(Path(tempfile.mkdtemp(prefix="tiny-qwen3-")))
     stack = Stack()
     API_KEY = stack.api_key(BENCH_PLAN)
-    start_ray()
+    start_ray(num_cpus=6)  # logical: four applications' replicas on the 2 real cores
 
     def pocketsphinx(app: dict) -> None:
         with_bench_plan(app)["args"].update(backend="pocketsphinx")
@@ -116,32 +130,44 @@ def main() -> None:
         [
             application_from_yaml("aligner", "/", pocketsphinx),
             application_from_yaml("qwen3", "/qwen3", tiny_qwen3),
-            {"name": "bare", "route_prefix": "/bare", "import_path": "bench.passthrough:build_app"},
+            {"name": "bare", "route_prefix": "/bare", "import_path": "bench.passthrough:build_app", "args": {"backend": "none"}},
+            {"name": "bare-ps", "route_prefix": "/bare-ps", "import_path": "bench.passthrough:build_app", "args": {"backend": "pocketsphinx"}},
         ]
     )
     audio = CLIP.read_bytes()
     warm_up(url, audio)
 
     print(f"clip: {CLIP.name} ({soundfile.info(CLIP).duration:.2f} s), {arguments.requests} requests per row\n")
-    print(f"{'concurrency':>11} {'ours p50':>9} {'batch':>6} {'backend':>8} {'overhead':>9} {'bare p50':>9} {'overhead/bare':>13}")
-    for concurrency in (1, 8):
-        before = batch_sizes("aligner")
-        ours = p50_latency(url, "/v1/align", audio, concurrency, arguments.requests)
-        batch = mean_batch(before, batch_sizes("aligner"))
-        bare = p50_latency(url, "/bare/v1/align", audio, concurrency, arguments.requests)
-        backend = backend_seconds(batch)
-        overhead = ours - backend
-        print(
-            f"{concurrency:>11} {ours * 1000:>7.1f}ms {batch:>6.2f} {backend * 1000:>6.1f}ms "
-            f"{overhead * 1000:>7.1f}ms {bare * 1000:>7.1f}ms {overhead / bare:>12.2f}x"
-        )
+    before = batch_sizes("aligner")
+    ours = measure(url, "/v1/align", audio, 1, arguments.requests)
+    single = mean_batch(before, batch_sizes("aligner"))
+    bare = measure(url, "/bare/v1/align", audio, 1, arguments.requests)
+    backend = backend_seconds(1)
+    ratio = ours.p50_s / (bare.p50_s + backend)
+    print("concurrency 1:")
+    print(f"  ours p50 {ours.p50_s * 1000:.1f} ms (mean batch {single:.2f}); bare p50 {bare.p50_s * 1000:.1f} ms; backend {backend * 1000:.1f} ms")
+    print(f"  ours / (bare + backend) = {ratio:.2f}  (target <= {TARGET_SINGLE_RATIO}: {verdict(ratio <= TARGET_SINGLE_RATIO)})")
 
-    print("\nmean aligner batch size at concurrency 8:")
-    for app_name, path in (("aligner", "/v1/align"), ("qwen3", "/qwen3/v1/align")):
-        before = batch_sizes(app_name)
-        p50_latency(url, path, audio, 8, arguments.requests)
-        batch = mean_batch(before, batch_sizes(app_name))
-        print(f"  {app_name:>8}: {batch:.2f}  (target >= {TARGET_MEAN_BATCH}: {'PASS' if batch >= TARGET_MEAN_BATCH else 'FAIL'})")
+    before = batch_sizes("aligner")
+    ours = measure(url, "/v1/align", audio, 8, 2 * arguments.requests)
+    batch = mean_batch(before, batch_sizes("aligner"))
+    bare = measure(url, "/bare-ps/v1/align", audio, 8, 2 * arguments.requests)
+    throughput, latency = ours.requests_per_s / bare.requests_per_s, ours.p50_s / bare.p50_s
+    print("concurrency 8 (bare graph with the PocketSphinx backend):")
+    print(f"  ours {ours.requests_per_s:.2f} req/s, p50 {ours.p50_s * 1000:.1f} ms; bare {bare.requests_per_s:.2f} req/s, p50 {bare.p50_s * 1000:.1f} ms")
+    print(f"  throughput ours / bare = {throughput:.2f}  (target >= {TARGET_THROUGHPUT_RATIO}: {verdict(throughput >= TARGET_THROUGHPUT_RATIO)})")
+    print(f"  p50 ours / bare = {latency:.2f}  (target <= {TARGET_LATENCY_RATIO}: {verdict(latency <= TARGET_LATENCY_RATIO)})")
+
+    print("mean aligner batch size at concurrency 8:")
+    print(f"  pocketsphinx: {batch:.2f}")
+    before = batch_sizes("qwen3")
+    measure(url, "/qwen3/v1/align", audio, 8, 2 * arguments.requests)
+    batch = mean_batch(before, batch_sizes("qwen3"))
+    print(f"  tiny qwen3: {batch:.2f}  (target >= {TARGET_MEAN_BATCH}: {verdict(batch >= TARGET_MEAN_BATCH)})")
+
+
+def verdict(met: bool) -> str:
+    return "PASS" if met else "FAIL"
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """The Serve application: the whole graph, wired in one place.
 
-    client -> Ingress (auth, limits, validation) -> Scanner (sniff, decode) -> Aligner (@serve.batch)
+    client -> Ingress (auth, limits, validation) -> Scanner (sniff, decode) -> Aligner (continuous batching)
                  Ingress (POST /v1/jobs: queued in Redis) ... JobRunner (Redis stream) -> Aligner
 
 `build_app` is the `import_path` target of configs/serve.yaml; its `args` are `GraphArgs`.

@@ -62,6 +62,12 @@ AUDIO_SECONDS = Counter("aligner_audio_seconds", "Decoded audio seconds aligned.
 BATCH_SIZE = Histogram(
     "aligner_batch_size", "Jobs per aligner batch.", boundaries=[1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64], tag_keys=_tags("backend")
 )
+BATCH_QUEUE_SECONDS = Histogram(
+    "aligner_batch_queue_seconds",
+    "Time a job waited in the aligner for its batch to start (behind the batch running), by work: request or background.",
+    boundaries=_LATENCY_BOUNDARIES_S,
+    tag_keys=_tags("backend", "work"),
+)
 BACKEND_FAILURES = Counter(
     "aligner_backend_failures",
     "Jobs the aligner backend failed on (an exception, out of memory), by exception class.",
@@ -89,7 +95,7 @@ JOB_WINDOW_RETRIES = Counter("aligner_job_window_retries", "Job windows retried 
 
 _ALL = (
     REQUESTS, STAGE_SECONDS, AUTH_FAILURES, API_KEY_STALE_SERVES, RATELIMIT_DECISIONS, SHED, LOAD_PROBE_FAILURES, BANS,
-    SCANNER_VERDICTS, DECODE_REJECTIONS, AUDIO_SECONDS, BATCH_SIZE, BACKEND_FAILURES, INFERENCE_SECONDS, DEPENDENCY_UP,
+    SCANNER_VERDICTS, DECODE_REJECTIONS, AUDIO_SECONDS, BATCH_SIZE, BATCH_QUEUE_SECONDS, BACKEND_FAILURES, INFERENCE_SECONDS, DEPENDENCY_UP,
     DEPENDENCY_ERRORS, JOBS, JOBS_BY_STATE, JOB_QUEUE_DEPTH, JOB_QUEUE_SECONDS, JOB_RESULT_SECONDS, JOB_WINDOW_RETRIES,
 )  # fmt: skip
 

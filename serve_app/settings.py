@@ -313,13 +313,19 @@ class JobRunnerOptions(_Strict):
 
 
 class AlignerOptions(_Strict):
-    """Live knobs of the aligner: how requests are grouped into batches."""
+    """Live knobs of the aligner: how jobs are grouped into batches (deployments.batching).
 
-    max_batch_size: int = Field(8, ge=1, le=64)
-    batch_wait_timeout_s: float = Field(0.05, ge=0, le=5)
+    There is no batch wait: a job that finds the backend free starts at once, and the jobs that
+    arrive while a batch runs form the next."""
+
+    max_batch_size: int = Field(8, ge=1, le=64, description="Requests' jobs per batch.")
+    max_batch_audio_seconds: float = Field(
+        240.0, gt=0, le=7200, description="Audio seconds per batch, all its jobs together (a longer single job runs alone): "
+        "what bounds a GPU batch's memory while short clips still pack max_batch_size to a batch."
+    )
     max_background_batch_size: int = Field(
-        8, ge=1, le=64, description="Job windows per background batch (a request's batch waits for the one running, "
-        "never for queued ones)."
+        8, ge=1, le=64, description="Job windows per background batch (a request's job waits for the batch running, "
+        "never for queued windows)."
     )
     unhealthy_after_failures: int = Field(
         5, ge=1, description="Jobs in a row the backend fails on before the health check runs a probe inference "

@@ -4,7 +4,7 @@ A job the backend fails on (an exception, out of memory) is a `BackendFailed` fo
 answered 503/500, never the 422 of an input that cannot be aligned; the Aligner's health check
 replaces a replica only when a probe inference fails too. The backends here are real PocketSphinx
 backends with a fault switched on; the Aligner is the deployment's own class driven in-process at
-the step `@serve.batch` hands a batch to (`_run`): Serve's batching needs a replica, the rest does not.
+the step its batcher hands a batch to (`_run`).
 """
 
 from __future__ import annotations

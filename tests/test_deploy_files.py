@@ -52,7 +52,6 @@ RAY_BUILTIN_FAMILIES: dict[str, tuple[str, frozenset[str]]] = {
     "ray_serve_deployment_replica_healthy": ("gauge", SERVE_REPLICA_TAGS),
     "ray_serve_autoscaling_target_replicas": ("gauge", frozenset({"application", "deployment"})),
     "ray_serve_autoscaling_desired_replicas": ("gauge", frozenset({"application", "deployment"})),
-    "ray_serve_batch_queue_length": ("gauge", SERVE_REPLICA_TAGS | {"function_name"}),
     "ray_node_cpu_utilization": ("gauge", RAY_NODE_LABELS),
     "ray_node_gpus_utilization": ("gauge", GPU_LABELS),
     "ray_node_gram_used": ("gauge", GPU_LABELS),

@@ -170,17 +170,34 @@ async def test_measured_saturation_still_sheds_and_a_later_failed_probe_does_not
 async def test_the_aligner_reports_no_batch_wait_for_jobs_behind_a_running_batch():
     """A job waiting behind one long file is queued work (counted against capacity), not a batch
     wait: read as one, a single 3 s alignment made everyone arriving meanwhile look like overload."""
-    import time
+    import asyncio
+    import threading
+
+    import numpy as np
 
     from deployments.aligner import Aligner
+    from deployments.backends.base import AlignmentJob
     from deployments.backends.pocketsphinx import PocketSphinxBackend
     from serve_app.settings import AlignerOptions, GraphArgs
 
-    aligner = Aligner.func_or_class(GraphArgs(backend="pocketsphinx"), backend=PocketSphinxBackend())
+    class HeldPocketSphinx(PocketSphinxBackend):
+        """Real PocketSphinx whose batches wait for `release` first: one long batch in progress."""
+
+        release = threading.Event()
+
+        def align_batch(self, jobs):
+            self.release.wait(10)
+            return super().align_batch(jobs)
+
+    aligner = Aligner.func_or_class(GraphArgs(backend="pocketsphinx"), backend=HeldPocketSphinx())
     aligner.reconfigure(AlignerOptions().model_dump())
-    now = time.monotonic()
-    aligner._running, aligner._waiting_since = 1, {object(): now - 3.0}  # one long batch in progress
+    job = AlignmentJob(np.zeros(16000, np.float32), ("hello",), "English")
+    running = asyncio.create_task(aligner.align(job))
+    await asyncio.sleep(0.05)
+    queued = asyncio.create_task(aligner.align(job))
+    await asyncio.sleep(0.3)
     load = await aligner.load()
     assert (load["aligner_ongoing"], load["aligner_queued"], load["batch_wait_s"]) == (1, 1, 0.0)
-    aligner._running, aligner._free_since = 0, now - 0.2  # the batch ended 0.2 s ago; the job still waits
-    assert (await aligner.load())["batch_wait_s"] == pytest.approx(0.2, abs=0.1)
+    HeldPocketSphinx.release.set()
+    await asyncio.gather(running, queued)
+    assert (await aligner.load())["aligner_queued"] == 0

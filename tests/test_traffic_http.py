@@ -374,7 +374,7 @@ def test_an_idle_aligner_reports_no_batch_wait(client):
     keeps the last spike's value while the aligner is idle; once that value sheds every priority,
     no request reaches the aligner to lower it again, and the service refuses everything for good."""
     aligner = serve.get_deployment_handle("Aligner", app_name="qwen3")
-    response = post_align(client, tone_wav(), "hello", prefix=QWEN3)  # a lone job waits out its batch timeout
+    response = post_align(client, tone_wav(), "hello", prefix=QWEN3)
     assert response.status_code == 200, response.text
     load = aligner.load.remote().result()
     assert (load["aligner_ongoing"], load["aligner_queued"]) == (0, 0)

@@ -21,6 +21,7 @@ queue in front of it (503 beyond it).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import time
@@ -30,10 +31,11 @@ import numpy as np
 from ray import serve
 
 from deployments.backends import load_backend
-from deployments.backends.base import SAMPLE_RATE, AlignerBackend, AlignmentJob, BackendFailed, BackendInfo, JobOutcome
+from deployments.backends.base import SAMPLE_RATE, AlignerBackend, AlignmentJob, BackendFailed, BackendInfo, JobOutcome, SharedPcm
 from deployments.batching import BatchLimits, ContinuousBatcher
 from deployments.probe_access_log import quiet_probe_access_logs
 from serve_app import metrics
+from serve_app.media.decode import float_samples
 from serve_app.settings import AlignerOptions, GraphArgs
 
 logger = logging.getLogger("ray.serve")
@@ -83,6 +85,8 @@ class Aligner:
 
     async def align(self, job: AlignmentJob, background: bool = False) -> JobOutcome:
         """`background`: an asynchronous job's window, batched apart and run only when no request's job waits."""
+        if isinstance(job.audio, SharedPcm):  # decoded audio the scanner shared: read it from the object store
+            job = dataclasses.replace(job, audio=float_samples(await job.audio.ref[0]))
         return await self._batcher.submit(job, background)
 
     def _observe_wait(self, seconds: float, background: bool) -> None:

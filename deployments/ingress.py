@@ -450,8 +450,8 @@ class Ingress:
     def _pipeline(self, backend: BackendInfo, options: IngressOptions) -> AlignmentPipeline:
         """The pipeline with this request's options: the deployments behind timeouts and 503s."""
 
-        async def scan(upload: SpooledFile, max_audio_seconds: float) -> Verdict:
-            call = self._scanner.inspect.remote(upload, max_audio_seconds)
+        async def scan(upload: SpooledFile, max_audio_seconds: float, share_up_to_s: float) -> Verdict:
+            call = self._scanner.inspect.remote(upload, max_audio_seconds, share_up_to_s)
             return await self._downstream(call, "scanner", options.scan_timeout_for(upload.size), options)
 
         async def align(job: AlignmentJob) -> JobOutcome:

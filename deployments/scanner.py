@@ -9,6 +9,13 @@ hold (`max_audio_seconds`, the ingress's route and plan limit). The answer is a 
 (accepted audio, with where its PCM is, a rejection, or "clamd unavailable"), never an exception
 for bad input.
 
+Decoded audio short enough to be aligned as one window (`share_up_to_s`, the ingress's call) is
+also put into Ray's object store, once, as int16 (`DecodedAudio.shared`): the ingress passes the
+reference on, and the aligner reads the samples straight from the store, so they cross one hop
+instead of two. The spool file stays the source for windows and jobs. Should the put fail (store
+full), the audio is simply not shared (the pipeline reads the spool file); should this replica die
+while its shared audio is in use, the aligner's read fails, a 503 like any dead replica.
+
 Failure policy: clamd down or erroring -> `ScanUnavailable`, which the ingress answers with 503 +
 Retry-After (fail closed), counted as aligner_scanner_verdicts{verdict="unavailable"}; each scan
 opens a new connection, so service resumes by itself when clamd is back. A scan whose caller gave
@@ -19,17 +26,24 @@ and the PCM it decoded is removed then.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import logging
 import os
 
+import ray
 from ray import serve
 
 from deployments.probe_access_log import quiet_probe_access_logs
 from serve_app import metrics
 from serve_app.media import DecodedAudio
+from deployments.backends.base import SharedPcm
 from serve_app.media.clamav import ClamdScanner
+from serve_app.media.decode import DecodeLimits, read_pcm
 from serve_app.media.inspect import Rejection, ScanUnavailable, Verdict, decode_limits, inspect_upload
 from serve_app.media.spool import Spool, SpooledFile
 from serve_app.settings import Environment, ScannerOptions
+
+logger = logging.getLogger("ray.serve")
 
 _CLAMD_PROBE_INTERVAL_S = 5.0
 
@@ -61,8 +75,9 @@ class Scanner:
         self._capacity = options.max_concurrent_scans
         self._slots = asyncio.Semaphore(options.max_concurrent_scans)
 
-    async def inspect(self, upload: SpooledFile, max_audio_seconds: float) -> Verdict:
-        """Scan and decode one spooled upload, admitting at most `max_audio_seconds`. Runs in a worker thread: it blocks."""
+    async def inspect(self, upload: SpooledFile, max_audio_seconds: float, share_up_to_s: float = 0.0) -> Verdict:
+        """Scan and decode one spooled upload, admitting at most `max_audio_seconds`; decoded audio
+        up to `share_up_to_s` long is shared through the object store too. Runs in a worker thread: it blocks."""
         self._in_flight += 1
         slots = self._slots  # the semaphore this scan holds, even if reconfigure() replaces it
         try:
@@ -75,7 +90,7 @@ class Scanner:
         # backlog are given back when the thread really ends, so a replica never decodes more
         # than max_concurrent_scans uploads at once, and the shedder sees that work.
         limits = decode_limits(self._options, max_audio_seconds)
-        scan = asyncio.ensure_future(asyncio.to_thread(inspect_upload, upload, self._clamd, limits, self._spool))
+        scan = asyncio.ensure_future(asyncio.to_thread(self._inspect, upload, limits, share_up_to_s))
         scan.add_done_callback(lambda finished: self._scan_ended(finished, slots))
         try:
             verdict = await asyncio.shield(scan)
@@ -93,6 +108,17 @@ class Scanner:
         else:
             metrics.SCANNER_VERDICTS.inc(tags={"verdict": "clean"})
         return verdict
+
+    def _inspect(self, upload: SpooledFile, limits: DecodeLimits, share_up_to_s: float) -> Verdict:
+        verdict = inspect_upload(upload, self._clamd, limits, self._spool)
+        if not isinstance(verdict, DecodedAudio) or verdict.duration_seconds > share_up_to_s:
+            return verdict
+        try:
+            shared = SharedPcm((ray.put(read_pcm(verdict.pcm_path)),), verdict.sample_count)
+        except Exception as error:  # the object store is full, say: the aligner gets the samples the longer way
+            logger.warning("decoded audio not shared through the object store: %s", type(error).__name__)
+            return verdict
+        return dataclasses.replace(verdict, shared=shared)
 
     def _scan_ended(self, scan: asyncio.Future, slots: asyncio.Semaphore) -> None:
         slots.release()

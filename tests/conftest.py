@@ -58,7 +58,7 @@ OAUTH_CLIENT_ID, OAUTH_CLIENT_SECRET = "batch-worker", "batch-worker-secret"
 OAUTH_NO_ALIGN_CLIENT_ID = "reporting-worker"  # holds only a "reports" scope
 # "qwen3" app only. Abuse: a handful of failures bans for seconds, not minutes. Shedding: one
 # scanner slot busy (load 1/4) sheds priority 0; priority 10 is shed only at 5x capacity; a batch
-# wait counts only when it reaches seconds (each lone request waits its 0.1 s batch timeout).
+# wait counts only when it reaches seconds (a loaded event loop, not a batch running, makes one).
 TEST_ABUSE = {"max_auth_failures": 5, "ban_s": 5}
 TEST_UPLOAD_IDLE_TIMEOUT_S = 2.0  # "qwen3" app: a silent upload is cut off within seconds
 TEST_SHEDDING = {"shed_above": 0.2, "shed_top_priority_above": 5.0, "target_batch_wait_s": 5.0}

@@ -22,10 +22,23 @@ SAMPLE_RATE = 16_000  # every backend receives mono float32 at this rate, decode
 
 
 @dataclass(frozen=True)
+class SharedPcm:
+    """Decoded int16 PCM in Ray's object store: the scanner put it there, once, for the aligner.
+
+    The ingress passes only this reference on (decoded audio crosses one hop, scanner -> aligner);
+    the Aligner deployment reads it into float32 before batching, so backends only ever see arrays.
+    """
+
+    ref: tuple  # (ray.ObjectRef,): in a tuple, so Serve hands the reference on instead of resolving it early
+    sample_count: int
+
+
+@dataclass(frozen=True)
 class AlignmentJob:
     """One request's worth of work for a backend."""
 
-    audio: np.ndarray  # float32, mono, SAMPLE_RATE, values in [-1, 1]
+    # float32, mono, SAMPLE_RATE, values in [-1, 1]; a SharedPcm only on its way to the Aligner deployment
+    audio: np.ndarray | SharedPcm
     units: tuple[str, ...]  # normalised alignment units, in spoken order; never empty
     language: str  # canonical language name, one of serve_app.text.languages.LANGUAGES
     # A draft only locates the text in a long file; a later job aligns it again. A backend may skip

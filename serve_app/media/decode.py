@@ -38,7 +38,7 @@ import av
 import av.error
 import numpy as np
 
-from deployments.backends.base import SAMPLE_RATE
+from deployments.backends.base import SAMPLE_RATE, SharedPcm
 from serve_app.media.errors import MediaRejected
 from serve_app.media.sniff import ALLOWED_DEMUXERS
 from serve_app.media.spool import SpoolWriter
@@ -81,6 +81,9 @@ class DecodedAudio:
     codec: str  # FFmpeg codec name, e.g. "aac", "flac", "pcm_s16le"
     source_sample_rate: int  # as the stream header declares it (it may change mid-stream)
     source_channels: int
+    # The same samples in Ray's object store, when the scanner shared them (audio aligned as one
+    # window): the pipeline hands this to the aligner instead of reading the spool file.
+    shared: SharedPcm | None = None
 
     @property
     def duration_seconds(self) -> float:
@@ -343,7 +346,17 @@ def read_samples(pcm_path: str, start: int, stop: int) -> np.ndarray:
         data = pcm.read(count * _PCM_DTYPE.itemsize)
     if len(data) != count * _PCM_DTYPE.itemsize:
         raise ValueError(f"samples [{start}, {stop}) run past the end of {pcm_path}")
-    return np.frombuffer(data, dtype=_PCM_DTYPE).astype(np.float32) / np.float32(_PCM_SCALE)
+    return float_samples(np.frombuffer(data, dtype=_PCM_DTYPE))
+
+
+def read_pcm(pcm_path: str) -> np.ndarray:
+    """All of a decoded PCM spool file, as its int16 samples."""
+    return np.fromfile(pcm_path, dtype=_PCM_DTYPE)
+
+
+def float_samples(pcm: np.ndarray) -> np.ndarray:
+    """int16 PCM as float32 in [-1, 1] (a new, writable array)."""
+    return pcm.astype(np.float32) / np.float32(_PCM_SCALE)
 
 
 def _empty() -> MediaRejected:

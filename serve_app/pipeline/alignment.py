@@ -50,8 +50,9 @@ logger = logging.getLogger("ray.serve")
 
 MIN_AUDIO_SECONDS = 0.1  # shorter holds no alignable word (Qwen3's time grid is 80 ms)
 
-Scan = Callable[[SpooledFile, float], Awaitable[Verdict]]
-"""Scan and decode an upload, admitting at most that many decoded seconds."""
+Scan = Callable[[SpooledFile, float, float], Awaitable[Verdict]]
+"""Scan and decode an upload, admitting at most that many decoded seconds; audio up to the second
+figure long is also shared through the object store (DecodedAudio.shared), to reach the aligner directly."""
 Align = Callable[[AlignmentJob], Awaitable[JobOutcome]]
 
 
@@ -130,6 +131,11 @@ class AudioAligner:
         self._windows = WindowSettings.for_backend(backend.max_audio_seconds, refine_concurrency)
         self._retry_after_s = retry_after_s
 
+    @property
+    def single_window_s(self) -> float:
+        """The longest audio aligned as one window (one aligner job)."""
+        return self._windows.max_window_s
+
     async def align(self, audio: DecodedAudio, transcript: Transcript, progress: Progress | None = None) -> Alignment:
         """Align checked, charged audio; `progress` hears of each window aligned. Leaves the PCM in place."""
         spans = await self._aligned(audio, transcript, progress or _no_progress)
@@ -145,7 +151,8 @@ class AudioAligner:
 
         async def align_window(window: Window) -> Sequence[UnitTiming]:
             first, stop = round(window.start * SAMPLE_RATE), round(window.end * SAMPLE_RATE)
-            samples = read_samples(audio.pcm_path, first, stop)
+            whole = audio.shared is not None and (first, stop) == (0, audio.sample_count)
+            samples = audio.shared if whole else read_samples(audio.pcm_path, first, stop)
             job = AlignmentJob(samples, tuple(units[window.first_unit : window.stop_unit]), transcript.language, draft=window.locating)
             outcome = await self._align(job)
             problem = alignment_problem(outcome, self._retry_after_s)
@@ -177,7 +184,7 @@ class AlignmentPipeline:
 
     async def run(self, request: AlignmentRequest, ledger: Ledger) -> Alignment:
         """The whole alignment behind POST /v1/align: intake, then align, refunding a failure of ours."""
-        audio = await self.intake(request, ledger)
+        audio = await self.intake(request, ledger, share_up_to_s=self.aligner.single_window_s)
         try:
             try:
                 with metrics.timed("align"):  # a request's stage: the whole alignment, however many windows it took
@@ -189,13 +196,15 @@ class AlignmentPipeline:
         finally:
             self._spool.remove(audio.pcm_path)
 
-    async def intake(self, request: AlignmentRequest, ledger: Ledger) -> DecodedAudio:
+    async def intake(self, request: AlignmentRequest, ledger: Ledger, share_up_to_s: float = 0.0) -> DecodedAudio:
         """Scan, check and charge: the decoded audio, the caller's to align and then remove.
 
-        The upload is removed whatever happens; the decoded PCM too, unless this returns it.
+        The upload is removed whatever happens; the decoded PCM too, unless this returns it. Audio
+        up to `share_up_to_s` long comes shared through the object store as well (aligned at once,
+        so worth it; a job's audio waits in the job spool instead).
         """
         try:
-            audio = await self._scanned(request, ledger)
+            audio = await self._scanned(request, ledger, share_up_to_s)
         finally:
             self._spool.remove(request.upload)  # decoded or refused, the upload is no longer needed
         try:
@@ -209,9 +218,9 @@ class AlignmentPipeline:
             raise
         return audio
 
-    async def _scanned(self, request: AlignmentRequest, ledger: Ledger) -> DecodedAudio:
+    async def _scanned(self, request: AlignmentRequest, ledger: Ledger, share_up_to_s: float) -> DecodedAudio:
         with metrics.timed("scan"):
-            verdict = await self._scan(request.upload, request.max_audio_seconds)
+            verdict = await self._scan(request.upload, request.max_audio_seconds, share_up_to_s)
         if isinstance(verdict, ScanUnavailable):
             metrics.DEPENDENCY_ERRORS.inc(tags={"dependency": "clamd", "use": "scan"})
             ledger.scan_recorded("unavailable", verdict.reason)

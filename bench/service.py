@@ -2,14 +2,15 @@
 
 Deploys, on one local Ray cluster, from configs/serve.yaml:
 - "/":         our graph with the PocketSphinx backend;
-- "/qwen3":    our graph with the tiny random-weight Qwen3 checkpoint (real qwen_asr batched path);
+- "/qwen3":    our graph with the tiny random-weight Qwen3 checkpoint (real qwen_asr batched path),
+               deployed for the last row only;
 - "/bare":     bench/passthrough.py, the same three hops doing nothing (Serve's floor);
 - "/bare-ps":  the same pass-through graph with the PocketSphinx backend in its aligner.
 All four batch with the same mechanism (deployments.batching: continuous batching).
 
 Then, for a 2.9 s eval clip:
 - concurrency 1: p50 of ours against p50(bare) + the backend's own time for that clip (measured
-  in-process, median of 7): target ratio <= 1.25;
+  in-process, median of 7): target ratio <= 1.25; and, for context, against "/bare-ps";
 - concurrency 8: throughput and p50 of ours against "/bare-ps": targets >= 0.8x and <= 2.0x;
 - the aligner's mean batch size at concurrency 8, for both of our backends (target >= 4 for Qwen3).
 
@@ -32,7 +33,7 @@ import httpx
 import soundfile
 
 from bench.stack import BENCH_PLAN, Stack, with_bench_plan
-from tests.support.cluster import ROOT, application_from_yaml, start_ray, start_serve
+from tests.support.cluster import ROOT, application_from_yaml, deploy, start_ray, start_serve
 
 CLIP = ROOT.parent / "shared" / "eval" / "emuR_ae" / "msajc003.wav"
 TRANSCRIPT = "amongst her friends she was considered beautiful"
@@ -55,9 +56,9 @@ def _timed_post(client: httpx.Client, path: str, audio: bytes) -> float:
     return elapsed
 
 
-def warm_up(url: str, audio: bytes) -> None:
+def warm_up(url: str, audio: bytes, paths: tuple[str, ...]) -> None:
     with _client(url) as client:
-        for path in ("/v1/align", "/qwen3/v1/align", "/bare/v1/align", "/bare-ps/v1/align"):
+        for path in paths:
             for _ in range(3):
                 _timed_post(client, path, audio)
 
@@ -126,27 +127,28 @@ def main() -> None:
     def tiny_qwen3(app: dict) -> None:
         with_bench_plan(app)["args"].update(backend="qwen3", qwen3_model=str(checkpoint), qwen3_dtype="float32")
 
-    url = start_serve(
-        [
-            application_from_yaml("aligner", "/", pocketsphinx),
-            application_from_yaml("qwen3", "/qwen3", tiny_qwen3),
-            {"name": "bare", "route_prefix": "/bare", "import_path": "bench.passthrough:build_app", "args": {"backend": "none"}},
-            {"name": "bare-ps", "route_prefix": "/bare-ps", "import_path": "bench.passthrough:build_app", "args": {"backend": "pocketsphinx"}},
-        ]
-    )
+    applications = [
+        application_from_yaml("aligner", "/", pocketsphinx),
+        {"name": "bare", "route_prefix": "/bare", "import_path": "bench.passthrough:build_app", "args": {"backend": "none"}},
+        {"name": "bare-ps", "route_prefix": "/bare-ps", "import_path": "bench.passthrough:build_app", "args": {"backend": "pocketsphinx"}},
+    ]
+    url = start_serve(applications)
     audio = CLIP.read_bytes()
-    warm_up(url, audio)
+    warm_up(url, audio, ("/v1/align", "/bare/v1/align", "/bare-ps/v1/align"))
 
     print(f"clip: {CLIP.name} ({soundfile.info(CLIP).duration:.2f} s), {arguments.requests} requests per row\n")
     before = batch_sizes("aligner")
     ours = measure(url, "/v1/align", audio, 1, arguments.requests)
     single = mean_batch(before, batch_sizes("aligner"))
     bare = measure(url, "/bare/v1/align", audio, 1, arguments.requests)
+    bare_backend = measure(url, "/bare-ps/v1/align", audio, 1, arguments.requests)
     backend = backend_seconds(1)
     ratio = ours.p50_s / (bare.p50_s + backend)
     print("concurrency 1:")
     print(f"  ours p50 {ours.p50_s * 1000:.1f} ms (mean batch {single:.2f}); bare p50 {bare.p50_s * 1000:.1f} ms; backend {backend * 1000:.1f} ms")
-    print(f"  ours / (bare + backend) = {ratio:.2f}  (target <= {TARGET_SINGLE_RATIO}: {verdict(ratio <= TARGET_SINGLE_RATIO)})")
+    print(f"  ours / (bare + backend) = {ratio:.3f}  (target <= {TARGET_SINGLE_RATIO}: {verdict(ratio <= TARGET_SINGLE_RATIO)})")
+    # For context: the backend inside a replica (sharing the GIL with Ray's threads), not in this process.
+    print(f"  bare graph with the backend: p50 {bare_backend.p50_s * 1000:.1f} ms; ours / that = {ours.p50_s / bare_backend.p50_s:.3f}")
 
     before = batch_sizes("aligner")
     ours = measure(url, "/v1/align", audio, 8, 2 * arguments.requests)
@@ -160,6 +162,9 @@ def main() -> None:
 
     print("mean aligner batch size at concurrency 8:")
     print(f"  pocketsphinx: {batch:.2f}")
+    # Deployed only now: its background work (probes, the job runner) must not weigh on the rows above.
+    deploy([*applications, application_from_yaml("qwen3", "/qwen3", tiny_qwen3)])
+    warm_up(url, audio, ("/qwen3/v1/align",))
     before = batch_sizes("qwen3")
     measure(url, "/qwen3/v1/align", audio, 8, 2 * arguments.requests)
     batch = mean_batch(before, batch_sizes("qwen3"))

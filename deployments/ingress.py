@@ -37,7 +37,6 @@ import hashlib
 import logging
 import re
 import time
-import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -68,17 +67,16 @@ from serve_app.api.models import (
 )
 from serve_app.api.jobs import job_out, stored
 from serve_app.api.problems import install_problem_handlers
+from serve_app.api.request_context import RequestContext
 from serve_app.api.render import render_alignment
 from serve_app.problems import Problem, unavailable
 from serve_app.api.upload import UploadLimits, read_align_form
-from serve_app.proxy_middleware import is_safe_request_id
 from serve_app.media.inspect import Verdict
 from serve_app.media.spool import Spool, SpooledFile
 from serve_app.jobs.store import AtCap, JobStore, NewJob, Replay, namespace_of, new_job_id
 from serve_app.pipeline.alignment import Alignment, AlignmentPipeline, AlignmentRequest, AudioAligner
 from serve_app.security.audit import AuditLog
 from serve_app.security.concurrency import ConcurrencyCapReached
-from serve_app.security.ratelimit_headers import rate_limit_headers
 from serve_app.security.shedding import LoadSample
 from serve_app.settings import Environment, IngressOptions, LongFormLimits
 from serve_app.text.transcript import Transcript, TranscriptRejected, parse_transcript
@@ -115,25 +113,9 @@ app = FastAPI(
 )
 app.openapi = with_security_schemes(app, _PUBLIC_PATHS)
 install_problem_handlers(app)
+app.add_middleware(RequestContext)
 app.include_router(admin.router)
 app.include_router(jobs.router)
-
-
-@app.middleware("http")
-async def _request_context(request: Request, call_next):
-    # The proxy middleware replaced an unsafe client id before Serve read it, so this is the id of
-    # Serve's logs and the response header; the check only matters without that middleware.
-    supplied = request.headers.get("x-request-id", "")
-    request.state.request_id = supplied if is_safe_request_id(supplied) else uuid.uuid4().hex
-    started = time.perf_counter()
-    response = await call_next(request)
-    caller: Caller | None = getattr(request.state, "caller", None)
-    if caller is not None:  # every answer to an identified caller, errors included
-        response.headers.update(rate_limit_headers(caller.decisions.values()))
-    route = request.scope.get("route")
-    metrics.REQUESTS.inc(tags={"route": route.path_format if route else "unmatched", "status": str(response.status_code)})
-    metrics.STAGE_SECONDS.observe(time.perf_counter() - started, tags={"stage": "total"})
-    return response
 
 
 # Defined before the class: serve.ingress rebuilds the handlers with the module's globals as they are then.

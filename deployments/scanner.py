@@ -38,7 +38,7 @@ from serve_app import metrics
 from serve_app.media import DecodedAudio
 from deployments.backends.base import SharedPcm
 from serve_app.media.clamav import ClamdScanner
-from serve_app.media.decode import DecodeLimits, read_pcm
+from serve_app.media.decode import read_pcm
 from serve_app.media.inspect import Rejection, ScanUnavailable, Verdict, decode_limits, inspect_upload
 from serve_app.media.spool import Spool, SpooledFile
 from serve_app.settings import Environment, ScannerOptions
@@ -90,7 +90,7 @@ class Scanner:
         # backlog are given back when the thread really ends, so a replica never decodes more
         # than max_concurrent_scans uploads at once, and the shedder sees that work.
         limits = decode_limits(self._options, max_audio_seconds)
-        scan = asyncio.ensure_future(asyncio.to_thread(self._inspect, upload, limits, share_up_to_s))
+        scan = asyncio.ensure_future(asyncio.to_thread(inspect_upload, upload, self._clamd, limits, self._spool))
         scan.add_done_callback(lambda finished: self._scan_ended(finished, slots))
         try:
             verdict = await asyncio.shield(scan)
@@ -107,12 +107,13 @@ class Scanner:
                 metrics.DECODE_REJECTIONS.inc(tags={"reason": verdict.reason})
         else:
             metrics.SCANNER_VERDICTS.inc(tags={"verdict": "clean"})
+            if verdict.duration_seconds <= share_up_to_s:
+                return self._shared(verdict)
         return verdict
 
-    def _inspect(self, upload: SpooledFile, limits: DecodeLimits, share_up_to_s: float) -> Verdict:
-        verdict = inspect_upload(upload, self._clamd, limits, self._spool)
-        if not isinstance(verdict, DecodedAudio) or verdict.duration_seconds > share_up_to_s:
-            return verdict
+    @staticmethod
+    def _shared(verdict: DecodedAudio) -> DecodedAudio:
+        # In the replica's event loop, not the scan's thread: a put from a thread of its own cost ~3 ms.
         try:
             shared = SharedPcm((ray.put(read_pcm(verdict.pcm_path)),), verdict.sample_count)
         except Exception as error:  # the object store is full, say: the aligner gets the samples the longer way

@@ -17,7 +17,8 @@ from fastapi import Depends, Request
 from serve_app.api.gate import Caller, Gate
 
 
-def gate(request: Request) -> Gate:
+async def gate(request: Request) -> Gate:
+    # async: FastAPI runs a plain `def` dependency in its thread pool, a thread hop per request.
     return request.app.state.gate  # built by the Ingress replica (deployments/ingress.py)
 
 

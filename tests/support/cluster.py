@@ -90,18 +90,24 @@ def start_serve(applications: list[dict], timeout_s: float = 240, request_timeou
     `request_timeout_s` replaces the YAML's (benchmarks of hours of audio through POST /v1/align).
     """
     from ray import serve
-    from ray.serve.context import _get_global_client
-    from ray.serve.schema import ServeDeploySchema
 
     port = free_port()
     http_options = yaml.safe_load(SERVE_YAML.read_text())["http_options"]
     if request_timeout_s is not None:
         http_options["request_timeout_s"] = request_timeout_s
     serve.start(http_options={**http_options, "port": port})
+    deploy(applications, timeout_s)
+    return f"http://127.0.0.1:{port}"
+
+
+def deploy(applications: list[dict], timeout_s: float = 240) -> None:
+    """Make `applications` what Serve runs (the running ones unchanged stay up); wait until all run."""
+    from ray.serve.context import _get_global_client
+    from ray.serve.schema import ServeDeploySchema
+
     schema = ServeDeploySchema(applications=applications)
     _get_global_client().deploy_apps(schema, _blocking=False)
     _wait_running({app.name for app in schema.applications}, timeout_s)
-    return f"http://127.0.0.1:{port}"
 
 
 def _wait_running(names: set[str], timeout_s: float) -> None:

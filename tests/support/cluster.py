@@ -70,9 +70,9 @@ def logs_dir() -> Path:
     return Path(ray._private.worker._global_node.get_logs_dir_path())
 
 
-def application_from_yaml(name: str, route_prefix: str, edit: Callable[[dict], None] | None = None) -> dict:
-    """The application of configs/serve.yaml, renamed, re-routed and optionally edited."""
-    (base,) = yaml.safe_load(SERVE_YAML.read_text())["applications"]
+def application_from_yaml(name: str, route_prefix: str, edit: Callable[[dict], None] | None = None, config: Path = SERVE_YAML) -> dict:
+    """The application of `config` (configs/serve.yaml), renamed, re-routed and optionally edited."""
+    (base,) = yaml.safe_load(config.read_text())["applications"]
     app = copy.deepcopy(base)
     app.update(name=name, route_prefix=route_prefix)
     if edit is not None:

@@ -38,7 +38,10 @@ _SPECIAL_TOKENS = (
 
 @dataclass(frozen=True)
 class TinyDimensions:
-    """The knobs that set the checkpoint's size; everything else follows the released model."""
+    """The knobs that set the checkpoint's size; everything else follows the released model.
+
+    The defaults are the test checkpoint; the fields after `initializer_range` are derived from
+    `hidden_size` and `layers` unless set (FULL_SIZE sets them all)."""
 
     hidden_size: int = 32  # text decoder width; the audio encoder's output must equal it
     layers: int = 2  # decoder layers and audio encoder layers alike
@@ -46,6 +49,25 @@ class TinyDimensions:
     # Random weights at the usual 0.02 scale give near-uniform logits and the same timestamp for
     # every slot; a wider spread makes outputs depend on the input, so tests can tell them apart.
     initializer_range: float = 0.5
+    head_dim: int = 8
+    intermediate_size: int | None = None  # 2 x hidden_size
+    key_value_heads: int | None = None  # half the attention heads
+    audio_layers: int | None = None  # `layers`
+    audio_width: int | None = None  # the encoder's d_model: hidden_size / 2
+    audio_heads: int = 2
+    audio_ffn: int | None = None  # hidden_size
+    downsample_hidden_size: int = 8
+    vocab_size: int | None = None  # the tiny tokenizer's (an embedding table may be larger than its tokenizer)
+
+
+# The released model's shapes at full size: a Qwen3-0.6B decoder (28 layers of 1024, 16 heads of
+# 128, 8 KV heads) behind the Qwen3-ASR-0.6B audio encoder (18 layers of 896, 14 heads), about
+# 0.73 B parameters with the embedding table: what a GPU replica holds, with random weights
+# (bench/gpu_graph.py). The real weights cannot be downloaded here or on the GPU machines.
+FULL_SIZE = TinyDimensions(
+    hidden_size=1024, layers=28, initializer_range=0.02, head_dim=128, intermediate_size=3072, key_value_heads=8,
+    audio_layers=18, audio_width=896, audio_heads=14, audio_ffn=3584, downsample_hidden_size=480, vocab_size=151_936,
+)  # fmt: skip
 
 
 def _build_tokenizer():
@@ -81,31 +103,31 @@ def _build_tokenizer():
 def _build_config(tokenizer, dims: TinyDimensions):
     from qwen_asr.core.transformers_backend import Qwen3ASRConfig
 
-    head_dim = 8
+    head_dim = dims.head_dim
     attention_heads = dims.hidden_size // head_dim
     text_config = {
-        "vocab_size": len(tokenizer),
+        "vocab_size": max(len(tokenizer), dims.vocab_size or 0),
         "hidden_size": dims.hidden_size,
-        "intermediate_size": dims.hidden_size * 2,
+        "intermediate_size": dims.intermediate_size or dims.hidden_size * 2,
         "num_hidden_layers": dims.layers,
         "num_attention_heads": attention_heads,
-        "num_key_value_heads": max(1, attention_heads // 2),
+        "num_key_value_heads": dims.key_value_heads or max(1, attention_heads // 2),
         "head_dim": head_dim,
         "max_position_embeddings": 65536,
         "tie_word_embeddings": False,
         "initializer_range": dims.initializer_range,
         # Must be a dict (the rotary embedding reads mrope_section from it); the three sections
         # cover head_dim / 2 rotary frequencies.
-        "rope_scaling": {"rope_type": "default", "mrope_section": [2, 1, 1], "interleaved": True},
+        "rope_scaling": {"rope_type": "default", "mrope_section": _mrope_sections(head_dim), "interleaved": True},
     }
     audio_config = {
         "num_mel_bins": MEL_BINS,
-        "encoder_layers": dims.layers,
-        "encoder_attention_heads": 2,
-        "encoder_ffn_dim": dims.hidden_size,
-        "d_model": dims.hidden_size // 2,
+        "encoder_layers": dims.audio_layers or dims.layers,
+        "encoder_attention_heads": dims.audio_heads,
+        "encoder_ffn_dim": dims.audio_ffn or dims.hidden_size,
+        "d_model": dims.audio_width or dims.hidden_size // 2,
         "output_dim": dims.hidden_size,  # feeds the decoder's embedding space directly
-        "downsample_hidden_size": 8,
+        "downsample_hidden_size": dims.downsample_hidden_size,
         # The processor counts audio tokens assuming 100-frame chunks (13 tokens each), so the
         # encoder's chunk (2 * n_window) must be 100 frames whatever the width.
         "n_window": 50,
@@ -132,6 +154,14 @@ def _build_config(tokenizer, dims: TinyDimensions):
     )
 
 
+def _mrope_sections(head_dim: int) -> list[int]:
+    """Temporal, height and width rotary sections over head_dim / 2 frequencies ([2, 1, 1] at 8, [24, 20, 20] at 128)."""
+    if head_dim == 8:
+        return [2, 1, 1]
+    spatial = head_dim * 5 // 32
+    return [head_dim // 2 - 2 * spatial, spatial, spatial]
+
+
 def _restore_thinker_model_type(directory: Path) -> None:
     """`save_pretrained` writes the thinker's class-level model_type; put the aligner's back.
 
@@ -143,8 +173,8 @@ def _restore_thinker_model_type(directory: Path) -> None:
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
-def write_tiny_checkpoint(directory: Path, dims: TinyDimensions = TinyDimensions()) -> Path:
-    """Write the checkpoint into `directory` (created if missing) and return it."""
+def write_tiny_checkpoint(directory: Path, dims: TinyDimensions = TinyDimensions(), dtype: str = "float32") -> Path:
+    """Write the checkpoint into `directory` (created if missing) and return it; `dtype` of the saved weights."""
     import torch
     from qwen_asr.core.transformers_backend import Qwen3ASRForConditionalGeneration, Qwen3ASRProcessor
     from transformers import WhisperFeatureExtractor
@@ -155,7 +185,7 @@ def write_tiny_checkpoint(directory: Path, dims: TinyDimensions = TinyDimensions
     tokenizer = _build_tokenizer()
     config = _build_config(tokenizer, dims)
     torch.manual_seed(dims.seed)
-    model = Qwen3ASRForConditionalGeneration(config).eval()
+    model = Qwen3ASRForConditionalGeneration(config).eval().to(getattr(torch, dtype))
     model.save_pretrained(directory)
     _restore_thinker_model_type(directory)
 

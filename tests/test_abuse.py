@@ -217,3 +217,20 @@ async def test_lift_accepts_the_listed_block_or_any_address_in_it(redis_client):
     await monitor.record("malware", ip)
     assert await monitor.lift(ban.subject) is True  # as listed: "ip:2001:db8:...::/64"
     assert await monitor.is_banned(ip) is None
+
+
+@pytest.mark.asyncio
+async def test_a_ban_read_with_a_rate_limit_decision_is_the_ban_is_banned_reads(redis_client):
+    """The request path reads bans in the token-bucket call (serve_app.api.gate): same answer, one round trip."""
+    from serve_app.security.ratelimit import TokenBucketLimiter
+
+    monitor, limiter = AbuseMonitor(redis_client, one_hit_bans()), TokenBucketLimiter(redis_client)
+    ip, principal = fresh_ip(), fresh_principal()
+    check = monitor.ban_check(ip, principal)
+    decision = await limiter.take(principal, 10, 0.001, policy="requests", blockers=check.keys)
+    assert monitor.ban_found(check, decision.blocked_by) is None
+    await monitor.record("malware", ip, principal)
+    decision = await limiter.take(principal, 10, 0.001, policy="requests", blockers=check.keys)
+    found, read_alone = monitor.ban_found(check, decision.blocked_by), await monitor.is_banned(ip, principal)
+    assert found is not None and found == read_alone and found.reason == "malware"
+    assert decision.remaining == pytest.approx(9, abs=0.01)  # the banned take charged nothing

@@ -112,6 +112,21 @@ async def test_asking_without_charge_writes_nothing(redis_client):
 
 
 @pytest.mark.asyncio
+async def test_a_take_reads_its_blocking_keys_in_the_same_call_and_charges_nothing_while_one_exists(redis_client):
+    """Bans ride on the bucket's round trip (serve_app.api.gate): read, and no token taken from a banned caller."""
+    limiter = TokenBucketLimiter(redis_client)
+    key, absent, present = unique(), f"test:blocker:{unique()}", f"test:blocker:{unique()}"
+    free = await limiter.take(key, 5, ALMOST_NO_REFILL, 1, policy="blocked", blockers=[absent])
+    assert free.allowed and free.remaining == pytest.approx(4, abs=1e-3) and free.blocked_by == ((None, -2),)
+    await redis_client.set(present, '{"reason": "malware"}', px=60_000)
+    blocked = await limiter.take(key, 5, ALMOST_NO_REFILL, 1, policy="blocked", blockers=[absent, present])
+    (absent_read, (value, ttl_ms)) = blocked.blocked_by
+    assert absent_read == (None, -2) and value == '{"reason": "malware"}' and 59_000 < ttl_ms <= 60_000
+    assert blocked.remaining == pytest.approx(4, abs=1e-3)  # nothing charged
+    assert (await limiter.take(key, 5, ALMOST_NO_REFILL, 1, policy="blocked")).remaining == pytest.approx(3, abs=1e-3)
+
+
+@pytest.mark.asyncio
 async def test_bucket_key_expires_once_it_would_be_full(redis_client):
     limiter = TokenBucketLimiter(redis_client)
     key = unique()

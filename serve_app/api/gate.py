@@ -1,7 +1,7 @@
 """The ingress's security decisions, one method per step of the request path.
 
-    admit()          client IP (trusted proxies only), ban check, pre-authentication IP bucket
-    authenticate()   credential -> Principal, scope, principal ban, load shedding, request bucket
+    admit()          client IP (trusted proxies only), IP ban and pre-authentication IP bucket
+    authenticate()   credential -> Principal, scope, load shedding, IP and principal bans and request bucket
     concurrency_slot() one of the principal's concurrent requests, shared by all replicas
     charge_audio()   decoded audio seconds against the principal's audio bucket, once the request
                      is known to be servable; refund_audio() gives them back when the work then
@@ -9,7 +9,9 @@
     upload_refused() audit a refused upload; count it toward bans only if hostile (abuse.refusal_event)
 
 Each step turns its decision into a problem (4xx/503), a metric and an audit line; the modules it
-composes (serve_app.security.*) know nothing of HTTP. One Gate per ingress replica: it owns the
+composes (serve_app.security.*) know nothing of HTTP. Bans are read in the round trip of the
+bucket decision that follows them (one Redis call each, bench.request_cost), and a banned caller's
+take charges nothing. One Gate per ingress replica: it owns the
 replica's Redis client and the verifiers' caches.
 
 Failure policy when Redis is down:
@@ -20,7 +22,8 @@ Failure policy when Redis is down:
   aligner_ratelimit_decisions{result="error_allowed"}; the per-replica concurrency cap still holds;
 - the per-principal concurrency cap: fail OPEN, always (counted the same way, policy "concurrency"),
   leaving the per-replica cap as the bound;
-- bans: not enforced while Redis is down (counted), enforced again when it is back.
+- bans: not enforced while Redis is down (counted with the rate-limit decision they ride on),
+  enforced again when it is back.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from fastapi import Request
 
 from serve_app import metrics
 from serve_app.problems import Problem
-from serve_app.security.abuse import AbuseEvent, AbuseMonitor, refusal_event
+from serve_app.security.abuse import AbuseEvent, AbuseMonitor, Ban, refusal_event
 from serve_app.security.api_keys import ApiKeyStore, ApiKeyVerifier
 from serve_app.security.audit import AuditContext, AuditLog
 from serve_app.security.authenticate import AuthFailure, Authenticator, www_authenticate
@@ -126,9 +129,11 @@ class Gate:
             route=route,
         )
         request.state.caller = caller  # before any refusal: a pre-auth 429 carries the RateLimit headers too
-        await self._refuse_if_banned(caller)
+        bans = self.abuse.ban_check(caller.client_ip)  # read with the bucket, in its round trip
         with metrics.timed("limit"):
-            await self._enforce(caller, await self.limiter.take_pre_auth(caller.client_ip, load_factor=self.shedder.load_factor))
+            decision = await self.limiter.take_pre_auth(caller.client_ip, load_factor=self.shedder.load_factor, blockers=bans.keys)
+        self._refuse_if_banned(caller, self.abuse.ban_found(bans, decision.blocked_by))
+        await self._enforce(caller, decision)
         return caller
 
     # -- 3-5: who, may they, and is there room ---------------------------------------------------
@@ -146,7 +151,6 @@ class Gate:
             caller.audit, "auth", "allowed", "authenticated", method=principal.method, plan=principal.plan, issuer=principal.issuer,
             stale_s=None if principal.stale_s is None else round(principal.stale_s, 1),
         )  # fmt: skip
-        await self._refuse_if_banned(caller)
 
         plan = self._plan(principal)
         if self.shedder.should_shed(plan.priority):
@@ -157,8 +161,11 @@ class Gate:
                 "the service is shedding load; retry later",
                 headers={"Retry-After": str(self.options.retry_after_s)},
             )
+        bans = self.abuse.ban_check(caller.client_ip, caller.principal_key)  # the principal may be banned now
         with metrics.timed("limit"):
-            await self._enforce(caller, await self.limiter.take_request(principal, plan, load_factor=self.shedder.load_factor))
+            decision = await self.limiter.take_request(principal, plan, load_factor=self.shedder.load_factor, blockers=bans.keys)
+        self._refuse_if_banned(caller, self.abuse.ban_found(bans, decision.blocked_by))
+        await self._enforce(caller, decision)
         return principal
 
     # -- 6: room for one more of this principal's requests --------------------------------------
@@ -271,8 +278,7 @@ class Gate:
             extensions={"violated-policies": [decision.policy]},
         )
 
-    async def _refuse_if_banned(self, caller: Caller) -> None:
-        ban = await self.abuse.is_banned(caller.client_ip, caller.principal_key)
+    def _refuse_if_banned(self, caller: Caller, ban: Ban | None) -> None:
         if ban is None:
             return
         metrics.BANS.inc(tags={"subject": ban.subject.split(":", 1)[0], "action": "enforced"})

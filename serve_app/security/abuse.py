@@ -27,8 +27,14 @@ Record auth failures against the IP only: a claimed key id is not proof of ident
 counting failures against it would let anyone get a victim's key banned by sending wrong secrets
 with its (non-secret) id.
 
+The request path reads bans in the same round trip as its rate-limit decision: `ban_check` names
+the keys, the token-bucket script reads them (ratelimit.TokenBucketLimiter's `blockers`), and
+`ban_found` makes a Ban of what it read. `is_banned` is the same read on its own.
+
 Failure behaviour: `is_banned` fails open (no ban) and `record` drops the event when Redis fails;
-both are counted in `store_health`. `list_bans` and `lift` are operator actions and raise.
+both are counted in `store_health`. A ban read with a rate-limit decision fails open too (nobody
+is banned while the limiter cannot reach Redis), counted in the limiter's store health.
+`list_bans` and `lift` are operator actions and raise.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ import logging
 import math
 import secrets
 from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import Literal, get_args
 
 from redis.asyncio import Redis
@@ -64,6 +71,14 @@ class Ban:
     offence: int  # 1 for a first ban, n for the n-th within the offence memory
     duration_s: int  # how long it was imposed for
     retry_after_s: int  # how long it still runs
+
+
+@dataclass(frozen=True)
+class BanCheck:
+    """Whose bans to read, and under which keys (the same order)."""
+
+    subjects: tuple[str, ...]
+    keys: tuple[str, ...]
 
 
 def refusal_event(slug: str) -> AbuseEvent | None:
@@ -95,22 +110,32 @@ class AbuseMonitor:
             "rate_limited": options.max_rate_limit_hits,
         }
 
+    def ban_check(self, ip: str | None, principal_key: str | None = None) -> BanCheck:
+        """The ban keys of this IP and principal, for a store call that reads them (`ban_found` reads the answer)."""
+        subjects = tuple(self._subjects(ip, principal_key))
+        return BanCheck(subjects, tuple(_ban_key(subject) for subject in subjects))
+
+    @staticmethod
+    def ban_found(check: BanCheck, read: Sequence[tuple[str | bytes | None, int]]) -> Ban | None:
+        """The ban (the longer-running, if several) among what was read for `check`'s keys: (value, PTTL ms) each."""
+        bans = [_ban(subject, value, ttl_ms) for subject, (value, ttl_ms) in zip(check.subjects, read)]
+        return max((ban for ban in bans if ban), key=lambda ban: ban.retry_after_s, default=None)
+
     async def is_banned(self, ip: str, principal_key: str | None = None) -> Ban | None:
         """The ban (the longer-running, if both are banned) on this IP or principal; one round trip."""
-        subjects = self._subjects(ip, principal_key)
-        if not subjects:
+        check = self.ban_check(ip, principal_key)
+        if not check.keys:
             return None
         try:
             async with self._redis.pipeline(transaction=False) as pipeline:
-                for subject in subjects:
-                    pipeline.get(_ban_key(subject)).pttl(_ban_key(subject))
+                for key in check.keys:
+                    pipeline.get(key).pttl(key)
                 replies = await pipeline.execute()
         except STORE_ERRORS as error:
             self.store_health.failed(error, "nobody is treated as banned (fail open)")
             return None
         self.store_health.answered()
-        bans = [_ban(subject, value, ttl_ms) for subject, value, ttl_ms in zip(subjects, replies[::2], replies[1::2])]
-        return max((ban for ban in bans if ban), key=lambda ban: ban.retry_after_s, default=None)
+        return self.ban_found(check, list(zip(replies[::2], replies[1::2])))
 
     async def record(self, event: AbuseEvent, ip: str | None, principal_key: str | None = None) -> list[Ban]:
         """Count one event against the IP and the principal; returns the bans this event imposed."""

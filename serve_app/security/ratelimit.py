@@ -1,7 +1,9 @@
 """Rate limits: token buckets in Redis (the algorithm) and the service's policies on top.
 
 - `TokenBucketLimiter`: one atomic Lua script (token_bucket.lua) per decision, timed by the Redis
-  server's clock; it knows nothing of principals or plans.
+  server's clock; it knows nothing of principals or plans. A decision can also read keys that
+  block it while they exist (`blockers`: the caller's bans, serve_app.security.abuse), in the same
+  round trip: a blocked take charges nothing.
 - `RateLimiter`: the three policies, each a named bucket:
     "pre-auth"       per client address block (client_ip.address_block: IPv4 address, IPv6 /64),
                      before credentials are checked (RateLimitOptions.pre_auth_*);
@@ -24,6 +26,7 @@ healthy spell and the recovery are logged once each, not per request.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 
@@ -56,6 +59,8 @@ class Decision:
     retry_after_s: float  # when denied: until the cost would fit; 0 when allowed
     reset_s: float  # until the bucket is full again
     store_error: bool = False  # Redis failed: `allowed` is the configured failure mode, the rest unknown
+    # What each blocking key held: (value or None, PTTL in ms), in the order asked; () when Redis failed.
+    blocked_by: tuple[tuple[str | None, int], ...] = ()
 
     @property
     def error_allowed(self) -> bool:
@@ -78,17 +83,19 @@ class TokenBucketLimiter:
         *,
         policy: str = "default",
         charge: bool = True,
+        blockers: Sequence[str] = (),
     ) -> Decision:
         """Take `cost` tokens from `policy`'s bucket for `key`, or none if they are not all there.
 
         A negative `cost` gives tokens back (a refund), never beyond `capacity`; it is always allowed.
-        `charge=False` only asks whether `cost` would be admitted now, and writes nothing.
+        `charge=False` only asks whether `cost` would be admitted now, and writes nothing; neither
+        does a take while any of the `blockers` keys exists (their contents: `blocked_by`).
         Raises a redis error when the store fails; policy on failure belongs to the caller.
         """
         if capacity <= 0 or refill_per_s <= 0:
             raise ValueError("capacity and refill must be positive")
-        allowed, remaining, retry_after_s, reset_s = await self._script(
-            keys=[f"{KEY_PREFIX}:{policy}:{key}"], args=[capacity, refill_per_s, cost, int(charge)]
+        allowed, remaining, retry_after_s, reset_s, *read = await self._script(
+            keys=[f"{KEY_PREFIX}:{policy}:{key}", *blockers], args=[capacity, refill_per_s, cost, int(charge)]
         )
         return Decision(
             policy=policy,
@@ -99,6 +106,7 @@ class TokenBucketLimiter:
             remaining=float(remaining),
             retry_after_s=float(retry_after_s),
             reset_s=float(reset_s),
+            blocked_by=tuple(zip(read[::2], (int(ttl_ms) for ttl_ms in read[1::2]))),
         )
 
 
@@ -139,18 +147,20 @@ class RateLimiter:
     def local_cap(self) -> ConcurrencyCap:
         return self._local
 
-    async def take_pre_auth(self, client_ip: str, *, load_factor: float = 1.0) -> Decision:
-        """One request from `client_ip`, before its credentials are checked."""
+    async def take_pre_auth(self, client_ip: str, *, load_factor: float = 1.0, blockers: Sequence[str] = ()) -> Decision:
+        """One request from `client_ip`, before its credentials are checked (none while a `blockers` key exists)."""
         options = self._options
         return await self._take(
-            PRE_AUTH_POLICY, f"ip:{address_block(client_ip)}", options.pre_auth_burst, options.pre_auth_per_minute / 60, 1.0, load_factor
-        )
+            PRE_AUTH_POLICY, f"ip:{address_block(client_ip)}", options.pre_auth_burst, options.pre_auth_per_minute / 60, 1.0,
+            load_factor, blockers=blockers,
+        )  # fmt: skip
 
-    async def take_request(self, principal: Principal, plan: Plan, *, load_factor: float = 1.0) -> Decision:
-        """One request by an authenticated principal."""
+    async def take_request(self, principal: Principal, plan: Plan, *, load_factor: float = 1.0, blockers: Sequence[str] = ()) -> Decision:
+        """One request by an authenticated principal (none while a `blockers` key exists)."""
         return await self._take(
-            REQUESTS_POLICY, principal_key(principal), plan.requests_burst, plan.requests_per_minute / 60, 1.0, load_factor
-        )
+            REQUESTS_POLICY, principal_key(principal), plan.requests_burst, plan.requests_per_minute / 60, 1.0, load_factor,
+            blockers=blockers,
+        )  # fmt: skip
 
     async def take_audio_seconds(
         self, principal: Principal, plan: Plan, decoded_seconds: float, *, load_factor: float = 1.0
@@ -187,12 +197,13 @@ class RateLimiter:
         load_factor: float,
         *,
         charge: bool = True,
+        blockers: Sequence[str] = (),
     ) -> Decision:
         if not 0 < load_factor <= 1:
             raise ValueError("load_factor must be in (0, 1]")
         try:
             decision = await self._limiter.take(
-                key, capacity * load_factor, refill_per_s * load_factor, cost, policy=policy, charge=charge
+                key, capacity * load_factor, refill_per_s * load_factor, cost, policy=policy, charge=charge, blockers=blockers
             )
         except STORE_ERRORS as error:
             return self._store_failed(policy, key, capacity * load_factor, capacity / refill_per_s, error)

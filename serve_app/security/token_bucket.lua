@@ -1,14 +1,17 @@
 -- Token bucket: refill by elapsed time, then take `cost` tokens, atomically.
 --
 -- KEYS[1]  the bucket: a hash {tokens, updated_us}; absent means full
+-- KEYS[2..] keys that block the take while any of them exists (bans): read in the same round trip,
+--          and while one exists nothing is charged
 -- ARGV[1]  capacity (tokens; may be fractional)
 -- ARGV[2]  refill rate (tokens per second)
 -- ARGV[3]  cost (tokens to take; fractional, e.g. audio seconds); negative gives tokens back (a
 --          refund of work not done), never beyond the capacity
 -- ARGV[4]  "1" to charge; "0" to only ask whether `cost` would be admitted (nothing is written)
 --
--- Returns {allowed (1/0), remaining, retry_after_s, reset_s}; numbers as strings because Redis
--- truncates Lua numbers to integers in replies. A denied take charges nothing.
+-- Returns {allowed (1/0), remaining, retry_after_s, reset_s, then for each blocking key its value
+-- (false when absent) and PTTL}; numbers as strings because Redis truncates Lua numbers to integers
+-- in replies. A denied or blocked take charges nothing.
 --
 -- Time comes from the Redis server (TIME), never from the caller, so replicas on hosts with
 -- skewed clocks agree. Scripts are replicated by effects (Redis >= 5), so TIME is allowed
@@ -18,6 +21,16 @@ local capacity = tonumber(ARGV[1])
 local refill_per_s = tonumber(ARGV[2])
 local cost = tonumber(ARGV[3])
 local charge = ARGV[4] == "1"
+
+local blockers = {}
+for index = 2, #KEYS do
+  local value = redis.call('GET', KEYS[index])
+  if value then
+    charge = false
+  end
+  blockers[#blockers + 1] = value
+  blockers[#blockers + 1] = redis.call('PTTL', KEYS[index])
+end
 
 local now = redis.call('TIME')
 local now_us = tonumber(now[1]) * 1000000 + tonumber(now[2])
@@ -51,4 +64,8 @@ else
 end
 
 local reset_s = (capacity - tokens) / refill_per_s
-return {allowed and 1 or 0, tostring(tokens), tostring(retry_after_s), tostring(reset_s)}
+local reply = {allowed and 1 or 0, tostring(tokens), tostring(retry_after_s), tostring(reset_s)}
+for _, value in ipairs(blockers) do
+  reply[#reply + 1] = value
+end
+return reply

@@ -41,7 +41,8 @@ TEST_MAX_UPLOAD_BYTES = 16 * 1024 * 1024  # small, so the 413 tests stay quick; 
 TEST_QWEN3_WINDOW_S = 30.0  # "qwen3" app: a 5 min file takes many windows (tests/test_long_form.py)
 TEST_PLANS = {
     "unlimited": {"requests_burst": 100000, "requests_per_minute": 100000, "audio_seconds_burst": 1e7, "audio_seconds_per_hour": 1e7, "priority": 10, "max_concurrent_requests": 1000},
-    "five-requests": {"requests_burst": 5, "requests_per_minute": 0.001, "audio_seconds_burst": 1e6, "audio_seconds_per_hour": 1e6},
+    # max_concurrent_requests above the 20 parallel callers that drain it: only the bucket may refuse them.
+    "five-requests": {"requests_burst": 5, "requests_per_minute": 0.001, "audio_seconds_burst": 1e6, "audio_seconds_per_hour": 1e6, "max_concurrent_requests": 50},
     # A bucket must hold the plan's longest audio (IngressOptions checks it), hence max_audio_seconds.
     "ten-audio-seconds": {"requests_burst": 1000, "requests_per_minute": 1000, "audio_seconds_burst": 10, "audio_seconds_per_hour": 0.001, "max_audio_seconds": 10},
     "hour-of-audio": {"requests_burst": 1000, "requests_per_minute": 1000, "audio_seconds_burst": 3600, "audio_seconds_per_hour": 0.001},

@@ -37,6 +37,15 @@ async def settle() -> None:
         await asyncio.sleep(0)
 
 
+async def one_running_then_queued(batcher: ContinuousBatcher, queued: int) -> list[asyncio.Task]:
+    """Job j0 running alone, then j1..j<queued> submitted while it runs."""
+    tasks = [asyncio.create_task(batcher.submit(("j0", 1.0)))]
+    await settle()
+    tasks += [asyncio.create_task(batcher.submit((f"j{n}", 1.0))) for n in range(1, queued + 1)]
+    await settle()
+    return tasks
+
+
 @pytest.mark.asyncio
 async def test_a_job_at_an_idle_batcher_starts_at_once_and_alone():
     backend, waits = Backend(), []
@@ -52,15 +61,12 @@ async def test_a_job_at_an_idle_batcher_starts_at_once_and_alone():
 async def test_jobs_arriving_while_a_batch_runs_form_the_next_batch():
     backend = Backend(held=1)
     batcher = batcher_for(backend)
-    first = asyncio.create_task(batcher.submit(("a", 1.0)))
-    await settle()
-    later = [asyncio.create_task(batcher.submit((name, 1.0))) for name in "bcd"]
-    await settle()
-    assert backend.batches == [["a"]] and batcher.queued() == 3 and batcher.running == 1
+    tasks = await one_running_then_queued(batcher, 3)
+    assert backend.batches == [["j0"]] and batcher.queued() == 3 and batcher.running == 1
     assert batcher.idle_wait_s() == 0.0  # queued behind a running batch is not a batch wait
     backend.release.set()
-    assert await asyncio.gather(first, *later) == ["a done", "b done", "c done", "d done"]
-    assert backend.batches == [["a"], ["b", "c", "d"]]
+    assert await asyncio.gather(*tasks) == ["j0 done", "j1 done", "j2 done", "j3 done"]
+    assert backend.batches == [["j0"], ["j1", "j2", "j3"]]
 
 
 @pytest.mark.asyncio
@@ -77,11 +83,7 @@ async def test_a_stalled_event_loop_reads_as_a_wait_for_a_batch():
 @pytest.mark.asyncio
 async def test_a_batch_holds_at_most_max_jobs_in_arrival_order():
     backend = Backend(held=1)
-    batcher = batcher_for(backend)
-    tasks = [asyncio.create_task(batcher.submit(("j0", 1.0)))]
-    await settle()
-    tasks += [asyncio.create_task(batcher.submit((f"j{n}", 1.0))) for n in range(1, 11)]
-    await settle()
+    tasks = await one_running_then_queued(batcher_for(backend), 10)
     backend.release.set()
     await asyncio.gather(*tasks)
     assert backend.batches == [["j0"], ["j1", "j2", "j3", "j4"], ["j5", "j6", "j7", "j8"], ["j9", "j10"]]
@@ -150,27 +152,20 @@ async def test_a_wrong_number_of_outcomes_fails_every_job_of_the_batch():
 async def test_a_caller_that_gave_up_while_queued_is_left_out_of_the_batch():
     backend = Backend(held=1)
     batcher = batcher_for(backend)
-    running = asyncio.create_task(batcher.submit(("a", 1.0)))
-    await settle()
-    quitter = asyncio.create_task(batcher.submit(("quitter", 1.0)))
-    stayer = asyncio.create_task(batcher.submit(("stayer", 1.0)))
-    await settle()
+    running, quitter, stayer = await one_running_then_queued(batcher, 2)
     quitter.cancel()
     await settle()
     assert batcher.queued() == 1
     backend.release.set()
     await asyncio.gather(running, stayer)
-    assert backend.batches == [["a"], ["stayer"]]
+    assert backend.batches == [["j0"], ["j2"]]
 
 
 @pytest.mark.asyncio
 async def test_new_limits_apply_from_the_next_batch():
     backend = Backend(held=1)
     batcher = batcher_for(backend)
-    tasks = [asyncio.create_task(batcher.submit(("j0", 1.0)))]
-    await settle()
-    tasks += [asyncio.create_task(batcher.submit((f"j{n}", 1.0))) for n in range(1, 5)]
-    await settle()
+    tasks = await one_running_then_queued(batcher, 4)
     batcher.limits = BatchLimits(max_jobs=2, max_seconds=100.0, max_background_jobs=2)
     backend.release.set()
     await asyncio.gather(*tasks)

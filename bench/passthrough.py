@@ -17,8 +17,9 @@ from fastapi import FastAPI, Request
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from deployments.backends.base import SAMPLE_RATE, AlignmentJob, JobOutcome, UnitTiming
-from deployments.batching import BatchLimits, ContinuousBatcher
+from deployments.aligner import audio_seconds, batch_limits
+from deployments.backends.base import AlignmentJob, JobOutcome, UnitTiming
+from deployments.batching import ContinuousBatcher
 from serve_app.settings import AlignerOptions
 
 app = FastAPI()
@@ -37,16 +38,14 @@ class BareAligner:
         from deployments.backends.pocketsphinx import PocketSphinxBackend
 
         self._backend = PocketSphinxBackend() if backend == "pocketsphinx" else None
-        options = AlignerOptions()
-        limits = BatchLimits(options.max_batch_size, options.max_batch_audio_seconds, options.max_background_batch_size)
-        self._batcher = ContinuousBatcher(self._run, lambda job: job.audio.size / SAMPLE_RATE, limits)
+        self._batcher = ContinuousBatcher(self._run, audio_seconds, batch_limits(AlignerOptions()))
 
     async def align(self, job: AlignmentJob) -> JobOutcome:
         return await self._batcher.submit(job)
 
     async def _run(self, jobs: list[AlignmentJob]) -> list[JobOutcome]:
         if self._backend is None:
-            return [[UnitTiming(job.units[0], 0.0, job.audio.size / SAMPLE_RATE, 1.0)] for job in jobs]
+            return [[UnitTiming(job.units[0], 0.0, audio_seconds(job), 1.0)] for job in jobs]
         return await asyncio.to_thread(self._backend.align_batch, jobs)
 
 

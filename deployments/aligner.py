@@ -43,11 +43,12 @@ logger = logging.getLogger("ray.serve")
 _PROBE_AUDIO_SECONDS = 1.0
 
 
-def _audio_seconds(job: AlignmentJob) -> float:
+def audio_seconds(job: AlignmentJob) -> float:
     return job.audio.size / SAMPLE_RATE
 
 
-def _limits(options: AlignerOptions) -> BatchLimits:
+def batch_limits(options: AlignerOptions) -> BatchLimits:
+    """The batcher's limits from the aligner's live options (bench/passthrough.py batches the same way)."""
     return BatchLimits(options.max_batch_size, options.max_batch_audio_seconds, options.max_background_batch_size)
 
 
@@ -70,14 +71,14 @@ class Aligner:
         quiet_probe_access_logs("load", "info")  # the ingress probes these every second or two
         self._backend = backend or load_backend(args)
         # The one way into the backend, which is not thread-safe (one decoder): the health probe too.
-        self._batcher = ContinuousBatcher(self._run, _audio_seconds, _limits(AlignerOptions()), self._observe_wait)
+        self._batcher = ContinuousBatcher(self._run, audio_seconds, batch_limits(AlignerOptions()), self._observe_wait)
         self._failure_streak = 0  # jobs in a row the backend failed on (BackendFailed)
         self._batch_sizes: Counter[int] = Counter()
 
     def reconfigure(self, user_config: dict) -> None:
         options = AlignerOptions.model_validate(user_config)
         self._unhealthy_after_failures = options.unhealthy_after_failures
-        self._batcher.limits = _limits(options)
+        self._batcher.limits = batch_limits(options)
         self._capacity = 2 * options.max_batch_size  # one batch running, one filling
 
     async def info(self) -> BackendInfo:

@@ -33,10 +33,10 @@ import os
 import ray
 from ray import serve
 
+from deployments.backends.base import SharedPcm
 from deployments.probe_access_log import quiet_probe_access_logs
 from serve_app import metrics
 from serve_app.media import DecodedAudio
-from deployments.backends.base import SharedPcm
 from serve_app.media.clamav import ClamdScanner
 from serve_app.media.decode import read_pcm
 from serve_app.media.inspect import Rejection, ScanUnavailable, Verdict, decode_limits, inspect_upload

@@ -43,8 +43,8 @@ import json
 import logging
 import math
 import secrets
-from dataclasses import dataclass
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Literal, get_args
 
 from redis.asyncio import Redis

@@ -25,7 +25,9 @@ request-id middleware inside these, so what they put in the scope is what Serve 
   Ingress deployment at most one call per second instead of taking its slots (and Serve's queue).
 - ProxyErrorsAsProblems: errors Serve's proxy produces itself (404 for no application, the 408 at
   `request_timeout_s`, 500, 503 on back-pressure) are plain text; they are rewritten into problem
-  documents, keeping their status and Retry-After. Errors uvicorn emits before ASGI runs (a
+  documents, keeping their status and Retry-After. When the proxy answers nothing at all (the
+  ingress replica died mid-request, e.g. with its node: Serve then leaves uvicorn to send a bare
+  500), the answer is a 503 problem with Retry-After. Errors uvicorn emits before ASGI runs (a
   non-numeric Content-Length, Content-Length with chunked) cannot be reached from here: the front
   proxy in deploy/ refuses those first (docs/errors.md).
 
@@ -65,6 +67,9 @@ _PROXY_ERROR_DETAILS = {
     503: "the service is at capacity or unavailable; retry later",
 }
 _DEFAULT_RETRY_AFTER_S = "5"  # Serve's own 503s may carry none; every 503 must (docs/errors.md)
+# Serve's proxy answers nothing when the ingress replica is lost mid-request (it dies with its node):
+# uvicorn would then send a bare 500. Losing a replica is an outage to retry, not a bug: 503.
+_REPLICA_LOST = Problem("service-unavailable", "the replica serving this request was lost; retry later", headers={"Retry-After": _DEFAULT_RETRY_AFTER_S})
 
 
 def is_safe_request_id(value: str) -> bool:
@@ -246,17 +251,24 @@ class ProxyErrorsAsProblems:
             await self.app(scope, receive, send)
             return
         rewriting: Problem | None = None
+        started = False
 
         async def rewriting_send(message: Message) -> None:
-            nonlocal rewriting
+            nonlocal rewriting, started
             if message["type"] == "http.response.start":
-                rewriting = self._problem_for(message)
+                rewriting, started = self._problem_for(message), True
             if rewriting is None:
                 await send(message)
             elif message["type"] == "http.response.body" and not message.get("more_body", False):
                 await send_problem(send, rewriting, request_id_of(scope))  # the plain-text body is dropped
 
-        await self.app(scope, receive, rewriting_send)
+        try:
+            await self.app(scope, receive, rewriting_send)
+        except Exception:
+            if started:
+                raise
+        if not started:
+            await send_problem(send, _REPLICA_LOST, request_id_of(scope))
 
     @staticmethod
     def _problem_for(start: Message) -> Problem | None:

@@ -13,6 +13,7 @@ import json
 import httpx
 import pytest
 from ray.serve._private.http_util import _apply_middlewares, get_http_response_status, send_http_response_on_exception
+from ray.exceptions import ActorDiedError
 from ray.serve.exceptions import BackPressureError
 
 from serve_app.proxy_middleware import proxy_middlewares
@@ -150,6 +151,22 @@ async def test_serves_own_503_keeps_its_retry_after():
         response = await proxy.get("/v1/ready")
     assert_problem(response, 503, "service-unavailable")
     assert int(response.headers["retry-after"]) >= 1
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("loss", ["error answered by the proxy", "exception out of the proxy"])
+async def test_a_request_whose_replica_was_lost_is_a_503_to_retry(loss):
+    # Serve's proxy sends nothing for a replica that died mid-request (send_http_response_on_exception
+    # answers only 408, 429 and 503); uvicorn would then write a bare 500.
+    died = ActorDiedError()
+    if loss == "error answered by the proxy":
+        deployment = Deployment(serve_error(died))
+    else:
+        deployment = Deployment(lambda request_id: (_ for _ in ()).throw(died))
+    async with client(deployment) as proxy:
+        response = await proxy.post("/v1/align", headers={"Authorization": "Bearer k"}, content=b"x")
+    body = assert_problem(response, 503, "service-unavailable")
+    assert response.headers["retry-after"] == "5" and "lost" in body["detail"]
 
 
 @pytest.mark.asyncio

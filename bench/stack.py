@@ -7,11 +7,11 @@ temporary directory, and stop them when the process exits.
 from __future__ import annotations
 
 import atexit
-import os
 import secrets
 import tempfile
 from pathlib import Path
 
+from tests.support.cluster import point_replicas_at
 from tests.support.keys import create_api_key
 from tools.local_services import ClamdServer, RedisServer
 
@@ -24,14 +24,7 @@ class Stack:
         atexit.register(self.clamd.stop)
         atexit.register(self.redis.stop)
         self.pepper = secrets.token_bytes(24).hex().encode()
-        # Replicas inherit the environment Ray starts with (serve_app.settings.Environment).
-        os.environ.update(
-            ALIGNER_REDIS_URL=self.redis.url,
-            ALIGNER_CLAMD_ADDRESS=f"unix://{self.clamd.socket_path}",
-            ALIGNER_API_KEY_PEPPER=self.pepper.decode(),
-            ALIGNER_AUDIT_LOG=str(directory / "audit.jsonl"),
-            ALIGNER_SPOOL_DIR=str(directory / "spool"),
-        )
+        point_replicas_at(self.redis.url, self.clamd.socket_path, self.pepper.decode(), directory / "audit.jsonl", directory / "spool")
 
     def api_key(self, plan: str, scopes: tuple[str, ...] = ("align",)) -> str:
         return create_api_key(self.redis.url, self.pepper, "bench", scopes, plan)

@@ -15,7 +15,6 @@ the traffic-control tests can trip them in seconds; everything else is the YAML 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import httpx
@@ -28,7 +27,7 @@ from serve_app.security.redis_store import request_path_client
 
 
 from tests.support import keys
-from tests.support.cluster import ROOT, application_from_yaml, deployment_of, start_ray, start_serve
+from tests.support.cluster import ROOT, application_from_yaml, deployment_of, point_replicas_at, start_ray, start_serve
 from tests.support.issuer import AUDIENCE, LoopbackIssuer
 from tests.support.secrets_seen import remember
 from tools.local_services import ClamdServer, RedisServer
@@ -99,6 +98,12 @@ def _test_applications(tiny_checkpoint: Path, oauth_issuer_url: str) -> list[dic
     return [application_from_yaml("aligner", "/", pocketsphinx), application_from_yaml("qwen3", "/qwen3", tiny_qwen3)]
 
 
+def pytest_collection_modifyitems(items):
+    """Multi-node tests first: one process drives one Ray cluster at a time, and theirs
+    (tests/support/multinode.py) is shut down before the session's single-node cluster starts."""
+    items.sort(key=lambda item: item.get_closest_marker("multinode") is None)
+
+
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory) -> RedisServer:
     """A real redis-server for the session (data survives stop/start: tests stop it mid-run)."""
@@ -138,12 +143,7 @@ def spool_dir(tmp_path_factory) -> Path:
 def ray_cluster(redis_server, clamd_server, audit_log_path, spool_dir):
     import ray
 
-    # Replicas inherit the environment Ray starts with: point them at this session's services.
-    os.environ["ALIGNER_REDIS_URL"] = redis_server.url
-    os.environ["ALIGNER_CLAMD_ADDRESS"] = f"unix://{clamd_server.socket_path}"
-    os.environ["ALIGNER_API_KEY_PEPPER"] = PEPPER.decode()
-    os.environ["ALIGNER_AUDIT_LOG"] = str(audit_log_path)
-    os.environ["ALIGNER_SPOOL_DIR"] = str(spool_dir)
+    point_replicas_at(redis_server.url, clamd_server.socket_path, PEPPER.decode(), audit_log_path, spool_dir)
     start_ray()
     # Tests drive deployment code in-process too (tests/test_backend_failures.py): what this driver
     # records reaches the cluster's metrics, labelled as the driver's, not as a replica's.

@@ -34,6 +34,17 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+def point_replicas_at(redis_url: str, clamd_socket: Path, pepper: str, audit_log: Path, spool_dir: Path) -> None:
+    """Replicas inherit the environment their node starts with (serve_app.settings.Environment): set it first."""
+    os.environ.update(
+        ALIGNER_REDIS_URL=redis_url,
+        ALIGNER_CLAMD_ADDRESS=f"unix://{clamd_socket}",
+        ALIGNER_API_KEY_PEPPER=pepper,
+        ALIGNER_AUDIT_LOG=str(audit_log),
+        ALIGNER_SPOOL_DIR=str(spool_dir),
+    )
+
+
 _metrics_export_port: int | None = None
 
 

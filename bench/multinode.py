@@ -1,6 +1,6 @@
 """Node loss and scale-out on a multi-node cluster: the figures of docs/scaling.md ("Measured on a multi-node cluster").
 
-    python -m bench.multinode [--clients 8] [--rejoin-after-s 20]
+    python -m bench.multinode [--clients 8] [--rejoin-after-s 20] [--scenarios gpu,cpu,step]
 
 The cluster is tests/support/multinode.py's: a head, two CPU-pool and two GPU-pool raylets built from
 cluster.yaml's node types, the graph (PocketSphinx) placed as configs/serve.gpu.yaml asks, with real
@@ -135,7 +135,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--rejoin-after-s", type=float, default=20.0)
+    parser.add_argument("--scenarios", default="gpu,cpu,step", help="which to run, comma-separated: gpu, cpu, step")
     arguments = parser.parse_args()
+    scenarios = set(arguments.scenarios.split(","))
 
     stack = Stack()
     started = time.monotonic()
@@ -145,11 +147,12 @@ def main() -> None:
         deploy([pool_graph(NODE_LOSS_REPLICAS)])
         print(f"cluster of {len(cluster.node_types)} raylets and the graph up in {time.monotonic() - started:.0f} s; placement: {cluster.replica_nodes()}")
         api_key = stack.api_key(BENCH_PLAN)
-        results = [
-            node_loss(cluster, url, api_key, "gpu_workers", arguments.clients, arguments.rejoin_after_s),
-            node_loss(cluster, url, api_key, "cpu_workers", arguments.clients, arguments.rejoin_after_s),
-            load_step(url, api_key, arguments.clients),
-        ]
+        results = []
+        for node_type in ("gpu", "cpu"):
+            if node_type in scenarios:
+                results.append(node_loss(cluster, url, api_key, f"{node_type}_workers", arguments.clients, arguments.rejoin_after_s))
+        if "step" in scenarios:
+            results.append(load_step(url, api_key, arguments.clients))
         print(f"\nall figures met: {all(results)}")
     finally:
         from ray import serve

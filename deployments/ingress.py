@@ -143,6 +143,7 @@ class Ingress:
         self._spool = Spool(self._environment.spool_dir)
         self._spool.sweep(_SPOOL_ORPHAN_AGE_S)  # not the jobs' directory: a queued job's audio may be older
         self._job_spool = app.state.job_spool = Spool(self._environment.job_spool_dir)
+        self._spool_problem: str | None = None  # the last spool-sharing problem the dependency probe logged
         self._gate: Gate | None = None
         self._backend: BackendInfo | None = None  # fetched from the aligner once, then cached
         self._background: list[asyncio.Task] = []
@@ -477,12 +478,13 @@ class Ingress:
             await asyncio.sleep(_DEPENDENCY_PROBE_INTERVAL_S)
 
     async def _check_dependencies(self) -> DependencyReport:
-        scanner, aligner, redis, runner, queue = await asyncio.gather(
+        scanner, aligner, redis, runner, queue, scanner_spool = await asyncio.gather(
             self._probe(self._scanner.ready.remote()),
             self._probe(self._aligner.info.remote()),
             self._probe(self._gate.redis.ping()),
             self._probe(self._job_runner.status.remote()),
             self._probe(self._jobs.state_counts()),
+            self._probe(self._scanner.spool_volume.remote()),
         )
         clamd_up, scanner_failure = scanner
         backend, aligner_failure = aligner
@@ -494,6 +496,8 @@ class Ingress:
         }
         if scanner_failure is None:  # clamd is reached through the scanner
             checks["clamd"] = _status(None if clamd_up else "not answering")
+        runner_spool = runner[0].get("spool_volume") if isinstance(runner[0], dict) else None
+        checks["spool"] = _status(self._spool_apart(scanner_spool[0], runner_spool))
         if isinstance(backend, BackendInfo):
             self._backend = backend
         ready = all(check.status == "ready" for check in checks.values()) and "clamd" in checks
@@ -509,6 +513,23 @@ class Ingress:
             model=backend.model if isinstance(backend, BackendInfo) else None,
             checks=checks,
         )
+
+    def _spool_apart(self, scanner_volume: object, runner_volume: object) -> str | None:
+        """Which replica the probe reached sees another spool than this one (None: all it reached share it).
+
+        Replicas hand each other spool paths: a scanner on a node without the shared spool would
+        miss every upload sent to it. An unreachable replica is the scanner or jobs check's to report.
+        """
+        apart = [
+            name
+            for name, theirs, ours in (("scanner", scanner_volume, self._spool.volume), ("job runner", runner_volume, self._job_spool.volume))
+            if theirs is not None and theirs != ours
+        ]
+        detail = f"the {' and '.join(apart)} reached sees another spool: ALIGNER_SPOOL_DIR must be one shared filesystem on every node" if apart else None
+        if detail is not None and detail != self._spool_problem:  # once per change, not once per probe
+            logger.error("spool not shared: %s", detail)
+        self._spool_problem = detail
+        return detail
 
     @staticmethod
     async def _probe(call) -> tuple[object, str | None]:

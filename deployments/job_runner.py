@@ -90,9 +90,9 @@ class JobRunner:
                 raise RunnerStopped("a job runner loop has stopped")
 
     async def status(self) -> dict[str, int | str]:
-        """For /v1/ready's jobs report: this consumer and how many jobs it runs now."""
+        """For /v1/ready's jobs report: this consumer, how many jobs it runs now, its job spool's mark."""
         assert self._runner is not None
-        return {"consumer": self._consumer, "running": self._runner.running}
+        return {"consumer": self._consumer, "running": self._runner.running, "spool_volume": self._spool.volume}
 
     async def pid(self) -> int:
         """This replica's process id (the redelivery test kills it mid-job)."""

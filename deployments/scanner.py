@@ -59,7 +59,7 @@ _CLAMD_PROBE_INTERVAL_S = 5.0
 class Scanner:
     def __init__(self) -> None:
         metrics.label_with_replica()
-        quiet_probe_access_logs("load", "ready")  # the ingress probes these every second or two
+        quiet_probe_access_logs("load", "ready", "spool_volume")  # the ingress probes these every second or two
         environment = Environment.from_env()
         self._clamd_address = environment.clamd_address
         self._spool = Spool(environment.spool_dir)
@@ -137,6 +137,10 @@ class Scanner:
     async def ready(self) -> bool:
         """Readiness: clamd answers (without it every upload is refused)."""
         return await asyncio.to_thread(self._clamd.ping)
+
+    async def spool_volume(self) -> str:
+        """The mark of the spool this replica reads uploads from (the ingress checks it is its own)."""
+        return self._spool.volume
 
     async def pid(self) -> int:
         """This replica's process id (the crash-isolation test kills it)."""

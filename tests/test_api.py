@@ -72,7 +72,7 @@ def test_ready_is_open_and_the_dependency_report_names_the_loaded_backend(anonym
     body = report.json()
     assert body["status"] == "ready"
     assert body["backend"] == backend
-    assert {name: check["status"] for name, check in body["checks"].items()} == dict.fromkeys(("scanner", "clamd", "aligner", "redis", "jobs"), "ready")
+    assert {name: check["status"] for name, check in body["checks"].items()} == dict.fromkeys(("scanner", "clamd", "aligner", "redis", "spool", "jobs"), "ready")
     assert 0 <= body["age_s"] < 10
 
 

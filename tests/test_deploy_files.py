@@ -445,3 +445,30 @@ def test_promtool_parses_every_dashboard_query(tmp_path):
     (tmp_path / "dashboard_rules.yml").write_text(yaml.safe_dump(rules))
     result = promtool("check", "rules", "dashboard_rules.yml", cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_every_worker_group_mounts_the_one_shared_spool_where_the_spool_dir_points():
+    # Replicas hand each other spool paths (an upload, decoded audio) across pods: a spool local to
+    # each pod would make a Scanner miss the Ingress's upload as soon as they sit on different nodes.
+    service = rayservice()
+    claims = {obj["metadata"]["name"]: obj for obj in kubernetes_objects() if obj["kind"] == "PersistentVolumeClaim"}
+    containers = ray_containers(service)
+    for name, group in ray_groups(service).items():
+        if name == "head":
+            continue  # runs no replica
+        env = {item["name"]: item.get("value") for item in containers[name]["env"]}
+        spool_dir = env["ALIGNER_SPOOL_DIR"]
+        volumes = {volume["name"]: volume for volume in group["template"]["spec"]["volumes"]}
+        (mount,) = [m for m in containers[name]["volumeMounts"] if spool_dir.startswith(m["mountPath"].rstrip("/") + "/")]
+        assert not mount.get("readOnly", False), name
+        claim = claims[volumes[mount["name"]]["persistentVolumeClaim"]["claimName"]]
+        assert claim["spec"]["accessModes"] == ["ReadWriteMany"], name
+        assert spool_dir != mount["mountPath"], "the spool must be a directory inside the volume (the spool makes it 0700)"
+
+
+def test_cluster_yaml_mounts_one_shared_spool_on_every_worker():
+    config = load_yaml(ROOT / "cluster.yaml")
+    mounts = [command for command in config["worker_setup_commands"] if "mount -t nfs4" in command]
+    assert len(mounts) == 1 and "/mnt/aligner-shared" in mounts[0]
+    # The env file (not in the repository) sets the spool inside that mount, as the docs say.
+    assert "`/mnt/aligner-shared/spool`" in (ROOT / "docs" / "operations.md").read_text()

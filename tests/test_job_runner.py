@@ -26,6 +26,7 @@ from serve_app.security.audit import LOGGER_NAME as AUDIT_LOGGER
 from serve_app.security.audit import AuditLog
 from serve_app.security.redis_store import redis_client
 from serve_app.settings import JobRunnerOptions
+from tests.support.spool import spool_entries
 
 BACKEND = BackendInfo(name="even", model="even-spacing", languages=frozenset({"English"}), max_audio_seconds=30.0)
 TEXT = "one two three four five six"
@@ -58,7 +59,7 @@ class Harness:
         self.refunds: list[str] = []
 
     def spool_files(self) -> list[str]:
-        return sorted(path.name for path in self.spool_dir.iterdir())
+        return spool_entries(self.spool_dir)
 
     def new_job(self, owner: str = "api_key:alice", retain_s: float = 60.0, text: str = TEXT) -> NewJob:
         samples = (np.random.default_rng(0).standard_normal(round(SECONDS * SAMPLE_RATE)) * 3000).astype("<i2")

@@ -18,6 +18,7 @@ from bench.long_audio import plan_recording, samples
 from deployments.backends.base import SAMPLE_RATE, UnitTiming
 from tests.support.audio import encode
 from tests.test_api import assert_problem, assert_well_formed, post_align
+from tests.support.spool import spool_entries
 
 pytestmark = pytest.mark.usefixtures("serve_url")
 
@@ -37,7 +38,7 @@ def _aligner_jobs(app_name: str) -> int:
 
 
 def _assert_spool_empty(spool_dir):
-    assert [path.name for path in spool_dir.iterdir() if path.is_file()] == []  # jobs/ holds queued jobs
+    assert [name for name in spool_entries(spool_dir) if (spool_dir / name).is_file()] == []  # jobs/ holds queued jobs
 
 
 def test_five_minutes_align_in_windows_as_well_as_utterance_by_utterance(client, five_minutes, spool_dir):

@@ -52,6 +52,7 @@ from tests.support.audio import (
     with_cover_art,
 )
 from tests.support.hostile import embedded_mid_file
+from tests.support.spool import spool_entries
 from tools.local_services import eicar
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -460,7 +461,7 @@ def test_hour_of_silence_without_length_is_stopped_at_the_cap_with_bounded_memor
     result = json.loads(completed.stdout)
     assert result["reason"] == "audio-too-long"
     assert result["growth_mib"] < 30
-    assert os.listdir(spool_dir) == []  # the refused decode's PCM is gone
+    assert spool_entries(spool_dir) == []  # the refused decode's PCM is gone
 
 
 def test_duration_is_counted_while_decoding_when_the_header_cannot_be_trusted():
@@ -676,7 +677,7 @@ def test_read_samples_reads_only_the_slice_and_refuses_past_the_end():
 def test_a_refused_decode_commits_no_pcm(spool_dir):
     with pytest.raises(MediaRejected):
         _decode(encode(tone(0.5, 16_000, 16), 16_000, "wav"), "wav", DecodeLimits(max_channels=8))
-    assert os.listdir(spool_dir) == []
+    assert spool_entries(spool_dir) == []
 
 
 class _CountingReader(io.BytesIO):
@@ -714,7 +715,7 @@ def test_an_accepted_upload_leaves_its_pcm_and_the_upload(clamd, spool_dir):
     upload = _spooled_upload(encode(tone(2.0, 48_000, 2), 48_000, "flac"))
     verdict = inspect_upload(upload, clamd, DecodeLimits(), _spool)
     assert isinstance(verdict, DecodedAudio) and verdict.duration_seconds == pytest.approx(2.0, abs=1e-3)
-    assert sorted(os.listdir(spool_dir)) == sorted([os.path.basename(upload.path), os.path.basename(verdict.pcm_path)])
+    assert spool_entries(spool_dir) == sorted([os.path.basename(upload.path), os.path.basename(verdict.pcm_path)])
     assert abs(_dominant_frequency(read_samples(verdict.pcm_path, 0, verdict.sample_count)) - TONE_HZ) < 2.0
 
 
@@ -732,4 +733,4 @@ def test_a_refused_upload_leaves_no_pcm(clamd, tmp_path, spool_dir, upload, unav
     spooled = _spooled_upload(upload)
     verdict = inspect_upload(spooled, scanner, DecodeLimits(), _spool)
     assert isinstance(verdict, ScanUnavailable if unavailable else Rejection)
-    assert os.listdir(spool_dir) == [os.path.basename(spooled.path)]  # the upload is the caller's to remove
+    assert spool_entries(spool_dir) == [os.path.basename(spooled.path)]  # the upload is the caller's to remove

@@ -11,6 +11,8 @@ of this module, because one process drives one Ray cluster at a time.
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 
 import httpx
@@ -146,14 +148,11 @@ def test_losing_a_cpu_node_under_load(pool_cluster, api_key):
 
 
 def test_losing_the_serve_controller_leaves_the_data_path_serving(pool_cluster, api_key):
-    import ray
-    from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
-
     cluster, _ = pool_cluster
     with load(pool_cluster, api_key) as running:
         wait_for(lambda: running.successes_since(0) >= CLIENTS, 60, what="load running")
-        controller = ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
-        ray.kill(controller, no_restart=False)  # killed; Ray restarts it (Serve's controller is detached, restartable)
+        (controller,) = cluster.live_actors("ServeController")
+        os.kill(controller.pid, signal.SIGKILL)  # a crash, not a shutdown; Ray restarts it (Serve's controller is restartable)
         killed = time.monotonic()
         time.sleep(10)
         served_while_restarting = running.successes_since(killed)
@@ -161,7 +160,8 @@ def test_losing_the_serve_controller_leaves_the_data_path_serving(pool_cluster, 
     # Proxies and replicas keep serving without it: every request succeeds, none waits for it.
     assert {outcome.status for outcome in running.outcomes} == {200}
     assert served_while_restarting >= CLIENTS
-    assert "ServeController" in cluster.actors_on_head()
+    (restarted,) = cluster.live_actors("ServeController")
+    assert restarted.pid != controller.pid and "ServeController" in cluster.actors_on_head()
 
 
 def test_a_load_step_scales_out_on_the_pools_and_back(pool_cluster, api_key):
@@ -174,3 +174,21 @@ def test_a_load_step_scales_out_on_the_pools_and_back(pool_cluster, api_key):
     assert placement["Scanner"] == ["cpu_workers"] * 3 and placement["Aligner"] == ["gpu_workers"] * 2
     wait_for(lambda: running_replicas(APP).get("Scanner") == 1 and running_replicas(APP).get("Aligner") == 1, 120, what="back to the minimum")
 
+
+
+def test_a_node_whose_spool_is_not_the_shared_one_is_named_and_fails_readiness(pool_cluster, api_key, redis_server, tmp_path):
+    """A CPU node that did not mount the shared spool: its scanner would miss every upload sent to it."""
+    cluster, url = pool_cluster
+    admin = create_api_key(redis_server, "multinode-admin", ["admin"], BENCH_PLAN)
+    cluster.add_node("cpu_workers", environment={"ALIGNER_SPOOL_DIR": str(tmp_path / "local-spool")})
+    deploy([pool_graph({**FIXED, "Scanner": 3})])
+    wait_for(lambda: running_replicas(APP).get("Scanner") == 3, 120, what="three scanners")
+    with httpx.Client(base_url=url, timeout=30, headers={"Authorization": f"Bearer {admin}"}) as client:
+        def spool_check() -> dict | None:
+            check = client.get("/v1/admin/dependencies").json()["checks"].get("spool", {})
+            return check if check.get("status") == "unavailable" else None
+
+        check = wait_for(spool_check, 60, interval_s=0.5, what="the spool reported as not shared")
+        assert "scanner" in check["detail"] and "ALIGNER_SPOOL_DIR" in check["detail"]
+        # Readiness follows: a load balancer stops sending traffic while the probe reaches that node's scanner.
+        wait_for(lambda: client.get("/v1/ready").status_code == 503, 60, interval_s=0.5, what="readiness failing")

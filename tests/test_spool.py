@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import multiprocessing
 import os
 import stat
 import time
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 
 from serve_app.media.spool import Spool, SpooledFile
+from tests.support.spool import spool_entries
 
 
 def mode(path) -> int:
@@ -90,7 +92,7 @@ def test_leaving_without_commit_deletes_the_file(tmp_path):
         with spool.writer("upload") as writer:
             writer.write(b"partial")
             raise RuntimeError("client went away")
-    assert list(tmp_path.iterdir()) == []
+    assert spool_entries(tmp_path) == []
 
 
 def test_an_unknown_kind_is_refused(tmp_path):
@@ -123,7 +125,21 @@ def test_sweep_deletes_only_old_spool_files(tmp_path):
     unrelated = tmp_path / "notes.txt"
     unrelated.write_text("not the spool's")
     an_hour_ago = time.time() - 3600
-    for path in (files[0].path, files[1].path, unrelated):
+    for path in (files[0].path, files[1].path, unrelated, tmp_path / ".volume"):
         os.utime(path, (an_hour_ago, an_hour_ago))
     assert spool.sweep(older_than_s=600) == 2
-    assert sorted(tmp_path.iterdir()) == sorted([tmp_path / os.path.basename(files[2].path), unrelated])
+    assert sorted(tmp_path.iterdir()) == sorted([tmp_path / os.path.basename(files[2].path), unrelated, tmp_path / ".volume"])
+
+
+def test_every_process_that_sees_the_same_directory_reads_the_same_mark(tmp_path):
+    directory = tmp_path / "shared"
+    with multiprocessing.get_context("fork").Pool(8) as pool:  # all racing to write the first mark
+        marks = pool.map(_mark_of, [directory] * 16)
+    assert len(set(marks)) == 1 and len(marks[0]) == 32
+    assert Spool(directory).volume == marks[0]
+    assert [entry.name for entry in directory.iterdir()] == [".volume"]  # no draft left behind
+    assert Spool(tmp_path / "elsewhere").volume != marks[0]  # another directory: another filesystem, for all a process knows
+
+
+def _mark_of(directory) -> str:
+    return Spool(directory).volume

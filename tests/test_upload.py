@@ -21,6 +21,7 @@ from starlette.requests import ClientDisconnect, Request
 from serve_app.problems import Problem
 from serve_app.api.upload import UploadLimits, read_align_form
 from serve_app.media.spool import Spool
+from tests.support.spool import spool_entries
 
 BOUNDARY = b"testboundary42"
 LIMITS = UploadLimits(max_body_bytes=1 << 20, max_text_bytes=4096, idle_timeout_s=0.5, min_bytes_per_s=1000, rate_grace_s=1.0)
@@ -72,7 +73,7 @@ async def read(spool_dir: Path, chunks: Iterable[bytes], limits: UploadLimits = 
 async def refusal(spool_dir: Path, chunks: Iterable[bytes], pause_s: float = 0.0, limits: UploadLimits = LIMITS) -> Problem:
     with pytest.raises(Problem) as raised:
         await read(spool_dir, chunks, limits, pause_s=pause_s)
-    assert os.listdir(spool_dir) == []  # nothing of a refused upload stays behind
+    assert spool_entries(spool_dir) == []  # nothing of a refused upload stays behind
     return raised.value
 
 
@@ -86,7 +87,7 @@ async def test_a_complete_body_is_read_exactly(spool_dir):
     form = await read(spool_dir, [body(text="caf\u00e9 au lait".encode())])
     assert form.text == "caf\u00e9 au lait" and form.audio_content_type == "audio/wav"
     assert content(form.audio.path) == b"RIFF....WAVE" and form.audio.size == 12
-    assert os.listdir(spool_dir) == [os.path.basename(form.audio.path)]
+    assert spool_entries(spool_dir) == [os.path.basename(form.audio.path)]
 
 
 @pytest.mark.asyncio
@@ -235,16 +236,16 @@ async def test_an_upload_that_goes_quiet_mid_audio_leaves_no_audio(spool_dir):
 async def test_a_client_that_disconnects_mid_audio_leaves_no_audio(spool_dir):
     with pytest.raises(ClientDisconnect):
         await read(spool_dir, streamed_body(8, hashlib.sha256(), tail=b""), BIG_LIMITS, then="disconnect")
-    assert os.listdir(spool_dir) == []
+    assert spool_entries(spool_dir) == []
 
 
 @pytest.mark.asyncio
 async def test_a_cancelled_upload_leaves_no_audio(spool_dir):
     # Serve cancels the handler when its request times out or the replica shuts down.
     reading = asyncio.ensure_future(read(spool_dir, streamed_body(8, hashlib.sha256(), tail=b""), BIG_LIMITS, then="stall"))
-    while not os.path.isdir(spool_dir) or not os.listdir(spool_dir):  # the audio has started
+    while not os.path.isdir(spool_dir) or not spool_entries(spool_dir):  # the audio has started
         await asyncio.sleep(0.01)
     reading.cancel()
     with pytest.raises(asyncio.CancelledError):
         await reading
-    assert os.listdir(spool_dir) == []
+    assert spool_entries(spool_dir) == []

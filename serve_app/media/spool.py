@@ -3,9 +3,12 @@
 Why a spool and not Ray's object store: what is written to a file sits in the page cache, which is
 not the writer's resident memory, so a 2 GiB upload costs the ingress one 64 KiB chunk at a time,
 and the scanner reads it back the same way. A file also outlives the process that wrote it (the
-coming asynchronous job API needs that), while an object in Ray's store dies with its owner. This
-is single-node today: every deployment reads the same local directory; a shared filesystem, or an
-object-store transfer of the file, is the path to several nodes.
+asynchronous job API needs that), while an object in Ray's store dies with its owner. Replicas hand
+each other spool paths, so on several nodes the spool must be one shared filesystem (NFS, EFS, a
+ReadWriteMany volume) mounted at the same path everywhere (docs/operations.md). Each spool carries
+a mark (`volume`: a random token in its `.volume` file, written once by whichever process comes
+first), so processes can tell whether they really see the same directory: the ingress compares
+its mark with the scanners' and job runners' and reports a spool that is not shared.
 
 Failure policy:
 - the directory must belong to this uid and be closed to group and others (ValueError otherwise):
@@ -31,6 +34,7 @@ from pathlib import Path
 from typing import Literal, get_args
 
 SpoolKind = Literal["upload", "pcm", "envelope"]
+VOLUME_MARK = ".volume"  # no kind prefix: sweep() never takes it
 _KINDS: tuple[str, ...] = get_args(SpoolKind)
 _NAME_BYTES = 16  # 128 random bits: unguessable, never colliding in practice (O_EXCL catches it)
 
@@ -109,6 +113,12 @@ class Spool:
             raise ValueError(f"the spool {self._directory} is not owned by this user")
         if status.st_mode & 0o077:
             raise ValueError(f"the spool {self._directory} is open to group or others (needs mode 0700)")
+        self._volume = _volume_mark(self._directory)
+
+    @property
+    def volume(self) -> str:
+        """The spool's mark: the same in every process, on any node, that sees this very directory."""
+        return self._volume
 
     def writer(self, kind: SpoolKind) -> SpoolWriter:
         if kind not in _KINDS:
@@ -153,3 +163,21 @@ class Spool:
                 except FileNotFoundError:  # removed meanwhile by its owner
                     continue
         return removed
+
+
+def _volume_mark(directory: str) -> str:
+    """The directory's mark, written first if no process has: drafted apart, then linked into place,
+    so no reader ever sees a half-written mark and the first process to link it wins."""
+    path = os.path.join(directory, VOLUME_MARK)
+    if not os.path.lexists(path):
+        draft = os.path.join(directory, f"{VOLUME_MARK}-{secrets.token_hex(8)}")
+        with os.fdopen(os.open(draft, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600), "w") as file:
+            file.write(secrets.token_hex(_NAME_BYTES))
+        try:
+            os.link(draft, path)
+        except FileExistsError:  # another process marked it meanwhile: its mark stands
+            pass
+        finally:
+            os.unlink(draft)
+    with os.fdopen(os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)) as file:
+        return file.read()

@@ -105,7 +105,7 @@ _LABEL_VALUES = re.compile(r"label_values\(\s*([a-zA-Z_:][\w:]*)\s*,\s*(\w+)\s*\
 _NUMBER = re.compile(r"(?<![\w.])\d+(?:\.\d+)?(?:[eE][+-]?\d+)?")
 _IDENTIFIER = re.compile(r"[a-zA-Z_:][\w:]*")
 PROMQL_WORDS = frozenset(
-    {"sum", "min", "max", "avg", "count", "rate", "increase", "histogram_quantile", "absent", "vector"}
+    {"sum", "min", "max", "avg", "count", "rate", "increase", "histogram_quantile", "absent", "vector", "min_over_time"}
     | {"and", "or", "unless", "bool"}
 )
 

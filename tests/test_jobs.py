@@ -25,6 +25,7 @@ from serve_app.security.ratelimit import AUDIO_SECONDS_POLICY, TokenBucketLimite
 from serve_app.security.redis_store import request_path_client
 from tests.conftest import EVAL_DIR, TEST_QWEN3_JOB_RETENTION_S, create_api_key
 from tests.support.audio import encode
+from tests.support.spool import spool_entries
 from tests.test_api import assert_problem, post_align
 
 pytestmark = pytest.mark.usefixtures("serve_url")
@@ -87,7 +88,7 @@ def _audio_tokens(redis_server, key: str, capacity: float, refill_per_s: float) 
 
 def _job_files(spool_dir) -> list[str]:
     jobs = spool_dir / "jobs"
-    return sorted(path.name for path in jobs.iterdir()) if jobs.exists() else []
+    return spool_entries(jobs) if jobs.exists() else []
 
 
 # -- the happy path ---------------------------------------------------------------------------------

@@ -29,11 +29,9 @@ import yaml
 from bench.stack import BENCH_PLAN, Stack
 from tests.support.cluster import SERVE_YAML, deploy
 from tests.support.multinode import (
-    APP, CLIP, CLIP_TEXT, FAST_AUTOSCALING, Load, PoolCluster, pool_graph, running_replicas, start_serve_on_head, wait_for,
+    ALIGN_TIMEOUT_S, APP, CLIP, CLIP_TEXT, FAST_AUTOSCALING, Load, PoolCluster, pool_graph, running_replicas, start_serve_on_head, wait_for,
 )
 
-INGRESS = next(d for d in yaml.safe_load(SERVE_YAML.read_text())["applications"][0]["deployments"] if d["name"] == "Ingress")
-ALIGN_TIMEOUT_S = INGRESS["user_config"]["align_timeout_s"]
 TARGET_SUCCESS = 0.95
 TARGET_RECOVERY_S = 30.0
 WINDOW_S = 60.0

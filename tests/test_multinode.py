@@ -27,7 +27,7 @@ from tests.conftest import PEPPER, create_api_key
 from tests.support.audio import encode
 from tests.support.cluster import SERVE_YAML, deploy, point_replicas_at
 from tests.support.multinode import (
-    APP, CLIP, CLIP_TEXT, FAST_AUTOSCALING, Load, PoolCluster, pool_graph, running_replicas, start_serve_on_head, wait_for,
+    ALIGN_TIMEOUT_S, APP, CLIP, CLIP_TEXT, FAST_AUTOSCALING, Load, PoolCluster, pool_graph, running_replicas, start_serve_on_head, wait_for,
 )
 from tests.test_jobs import TERMINAL, submit
 from tests.test_jobs import wait_for as wait_for_job
@@ -37,7 +37,6 @@ pytestmark = pytest.mark.multinode
 CLIP_BYTES = CLIP.read_bytes()
 CLIENTS = 8
 FIXED = {"Ingress": 2, "Scanner": 2, "JobRunner": 1, "Aligner": 1}
-ALIGN_TIMEOUT_S = next(d for d in yaml.safe_load(SERVE_YAML.read_text())["applications"][0]["deployments"] if d["name"] == "Ingress")["user_config"]["align_timeout_s"]
 
 
 @pytest.fixture(scope="module")

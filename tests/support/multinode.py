@@ -27,7 +27,7 @@ import httpx
 import psutil
 import yaml
 
-from tests.support.cluster import ROOT, free_port
+from tests.support.cluster import ROOT, SERVE_YAML, free_port
 
 CLUSTER_YAML = ROOT / "cluster.yaml"
 SERVE_GPU_YAML = ROOT / "configs" / "serve.gpu.yaml"
@@ -50,6 +50,8 @@ def _node_args(node_type: str) -> dict:
 
 
 APP = "aligner"
+# The ingress's own deadline for an alignment (configs/serve.yaml): no request may hang past it.
+ALIGN_TIMEOUT_S = next(d for d in yaml.safe_load(SERVE_YAML.read_text())["applications"][0]["deployments"] if d["name"] == "Ingress")["user_config"]["align_timeout_s"]
 CLIP = ROOT.parent / "shared" / "eval" / "emuR_ae" / "msajc003.wav"
 CLIP_TEXT = "amongst her friends she was considered beautiful"
 # Autoscaling delays shortened from Serve's defaults (30 s up, 600 s down) so a load step shows
@@ -90,9 +92,8 @@ def production_placement(app: dict) -> dict:
 class PoolCluster:
     """Head + CPU-pool + GPU-pool raylets on loopback; the driver (this process) connects to the head."""
 
-    def __init__(self, cpu_nodes: int = 2, gpu_nodes: int = 2, system_config: dict | None = None) -> None:
+    def __init__(self, cpu_nodes: int = 2, gpu_nodes: int = 2) -> None:
         self._shape = {"cpu_workers": cpu_nodes, "gpu_workers": gpu_nodes}
-        self._system_config = system_config or {}
         self._cluster = None
         self.node_types: dict[str, str] = {}  # node id -> node type
         self.dashboard_url = ""
@@ -107,7 +108,6 @@ class PoolCluster:
             "include_dashboard": True,  # Ray's state API (placement checks) is served by the dashboard
             "dashboard_host": "127.0.0.1",
             "dashboard_port": dashboard_port,
-            "_system_config": self._system_config,
         }
         self._cluster = Cluster(initialize_head=True, head_node_args=head)
         self.node_types[self._cluster.head_node.node_id] = "head"
@@ -190,7 +190,6 @@ def wait_for(condition, timeout_s: float, interval_s: float = 0.5, what: str = "
             return value
         time.sleep(interval_s)
     raise TimeoutError(f"{what} not reached within {timeout_s} s")
-
 
 
 def replica_counts(app: dict, counts: dict[str, int | tuple[int, int]]) -> dict:

@@ -29,15 +29,15 @@ import yaml
 from bench.stack import BENCH_PLAN, Stack
 from tests.support.cluster import SERVE_YAML, deploy
 from tests.support.multinode import (
-    ALIGN_TIMEOUT_S, APP, CLIP, CLIP_TEXT, FAST_AUTOSCALING, Load, PoolCluster, pool_graph, running_replicas, start_serve_on_head, wait_for,
+    ALIGN_TIMEOUT_S, APP, CLIP, CLIP_TEXT, FAST_AUTOSCALING, STEP_REPLICAS, Load, PoolCluster, pool_graph, running_replicas, start_serve_on_head, wait_for,
 )
 
 TARGET_SUCCESS = 0.95
 TARGET_RECOVERY_S = 30.0
 WINDOW_S = 60.0
 NODE_LOSS_REPLICAS = {"Ingress": 2, "Scanner": 2, "JobRunner": 1, "Aligner": 2}
-STEP_RANGES = {"Ingress": 2, "Scanner": (1, 3), "JobRunner": 1, "Aligner": (1, 2)}
-SCALED = ("Scanner", "Aligner")
+STEP_RANGES = {"Ingress": 2, "JobRunner": 1, **STEP_REPLICAS}
+SCALED = tuple(STEP_REPLICAS)
 
 
 def verdict(met: bool) -> str:

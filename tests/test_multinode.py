@@ -27,7 +27,7 @@ from tests.conftest import PEPPER, create_api_key
 from tests.support.audio import encode
 from tests.support.cluster import SERVE_YAML, deploy, point_replicas_at
 from tests.support.multinode import (
-    ALIGN_TIMEOUT_S, APP, CLIP, CLIP_TEXT, FAST_AUTOSCALING, Load, PoolCluster, pool_graph, running_replicas, start_serve_on_head, wait_for,
+    ALIGN_TIMEOUT_S, APP, CLIP, CLIP_TEXT, FAST_AUTOSCALING, STEP_REPLICAS, Load, PoolCluster, pool_graph, running_replicas, start_serve_on_head, wait_for,
 )
 from tests.test_jobs import TERMINAL, submit
 from tests.test_jobs import wait_for as wait_for_job
@@ -165,23 +165,30 @@ def test_losing_the_serve_controller_leaves_the_data_path_serving(pool_cluster, 
 
 def test_a_load_step_scales_out_on_the_pools_and_back(pool_cluster, api_key):
     cluster, _ = pool_cluster
-    deploy([pool_graph({**FIXED, "Scanner": (1, 3), "Aligner": (1, 2)}, FAST_AUTOSCALING)])
-    wait_for(lambda: running_replicas(APP).get("Scanner") == 1 and running_replicas(APP).get("Aligner") == 1, 120, what="minimum replicas")
-    with load(pool_cluster, api_key):
-        wait_for(lambda: running_replicas(APP).get("Scanner") == 3 and running_replicas(APP).get("Aligner") == 2, 120, what="maximum replicas")
-        placement = cluster.replica_nodes()
-    assert placement["Scanner"] == ["cpu_workers"] * 3 and placement["Aligner"] == ["gpu_workers"] * 2
-    wait_for(lambda: running_replicas(APP).get("Scanner") == 1 and running_replicas(APP).get("Aligner") == 1, 120, what="back to the minimum")
+    deploy([pool_graph({**FIXED, **STEP_REPLICAS}, FAST_AUTOSCALING)])
 
+    def scaled_to(end: int):
+        return lambda: all(running_replicas(APP).get(name) == limits[end] for name, limits in STEP_REPLICAS.items())
+
+    wait_for(scaled_to(0), 120, what="minimum replicas", state=lambda: running_replicas(APP))
+    with load(pool_cluster, api_key):
+        wait_for(scaled_to(1), 120, what="maximum replicas", state=lambda: running_replicas(APP))
+        placement = cluster.replica_nodes()
+    assert placement["Scanner"] == ["cpu_workers"] * STEP_REPLICAS["Scanner"][1]
+    assert placement["Aligner"] == ["gpu_workers"] * STEP_REPLICAS["Aligner"][1]
+    wait_for(scaled_to(0), 120, what="back to the minimum", state=lambda: running_replicas(APP))
 
 
 def test_a_node_whose_spool_is_not_the_shared_one_is_named_and_fails_readiness(pool_cluster, api_key, redis_server, tmp_path):
     """A CPU node that did not mount the shared spool: its scanner would miss every upload sent to it."""
     cluster, url = pool_cluster
     admin = create_api_key(redis_server, "multinode-admin", ["admin"], BENCH_PLAN)
-    cluster.add_node("cpu_workers", environment={"ALIGNER_SPOOL_DIR": str(tmp_path / "local-spool")})
-    deploy([pool_graph({**FIXED, "Scanner": 3})])
-    wait_for(lambda: running_replicas(APP).get("Scanner") == 3, 120, what="three scanners")
+    apart = cluster.add_node("cpu_workers", environment={"ALIGNER_SPOOL_DIR": str(tmp_path / "local-spool")})
+    # Serve spreads new replicas over the nodes in turn: one more scanner per CPU node puts one on it.
+    scanners = running_replicas(APP)["Scanner"] + len(cluster.nodes_of("cpu_workers"))
+    deploy([pool_graph({**FIXED, "Scanner": scanners})])
+    wait_for(lambda: running_replicas(APP).get("Scanner") == scanners, 120, what=f"{scanners} scanners", state=lambda: running_replicas(APP))
+    assert cluster.replicas_on(apart, "Scanner") >= 1, cluster.replica_nodes()
     with httpx.Client(base_url=url, timeout=30, headers={"Authorization": f"Bearer {admin}"}) as client:
         def spool_check() -> dict | None:
             check = client.get("/v1/admin/dependencies").json()["checks"].get("spool", {})

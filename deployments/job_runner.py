@@ -75,6 +75,7 @@ class JobRunner:
             self._tasks = [
                 asyncio.create_task(self._runner.run()),
                 asyncio.create_task(self._runner.sweep_expired()),
+                asyncio.create_task(self._runner.sweep_orphans()),
                 asyncio.create_task(self._export_gauges()),
             ]
         else:

@@ -309,6 +309,10 @@ class JobRunnerOptions(_Strict):
     align_timeout_s: float = Field(120.0, gt=0, description="Bound on one aligner call.")
     progress_interval_s: float = Field(1.0, gt=0, description="Progress is written at most this often.")
     expiry_sweep_s: float = Field(10.0, gt=0, description="How often ended jobs past their retention are deleted.")
+    orphan_sweep_s: float = Field(600.0, gt=0, description="How often job spool files no queued or running job holds are deleted.")
+    orphan_age_s: float = Field(
+        3600.0, ge=60, description="Such a file is deleted once unwritten this long (longer than any upload and decode takes)."
+    )
     retry_after_s: int = Field(5, ge=1, description="Retry-After of the 503 problems a job may end with.")
 
 

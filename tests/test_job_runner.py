@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import time
 
 import numpy as np
@@ -328,3 +329,42 @@ async def test_a_runner_cancelled_at_any_moment_stops(harness):
         task = asyncio.create_task(harness.runner(EvenAligner()).run())
         await asyncio.sleep(float(rng.uniform(0.0, 1.1)))  # an XREADGROUP blocks for 1 s
         await _stop([task])
+
+
+def _age(*paths: str, seconds: float = 7200.0) -> None:
+    then = time.time() - seconds
+    for path in paths:
+        os.utime(path, (then, then))
+
+
+@pytest.mark.asyncio
+async def test_the_orphan_sweep_deletes_old_audio_no_queued_or_running_job_holds(harness):
+    held = harness.new_job()
+    await harness.store.submit(held, 10, None)  # queued: no runner is running
+    orphan = harness.new_job()  # moved in, never submitted: an ingress that crashed
+    young = harness.new_job()  # moved in a moment ago, about to be submitted
+    _age(held.pcm_path, held.envelope_path, orphan.pcm_path, orphan.envelope_path)
+    tasks = await _running(harness.runner(EvenAligner(), orphan_sweep_s=0.1, orphan_age_s=3600).sweep_orphans())
+    try:
+        assert await _eventually(lambda: not os.path.exists(orphan.pcm_path), 5)
+    finally:
+        await _stop(tasks)
+    names = {os.path.basename(path) for path in (held.pcm_path, held.envelope_path, young.pcm_path, young.envelope_path)}
+    assert set(harness.spool_files()) == names
+
+
+@pytest.mark.asyncio
+async def test_the_orphan_sweep_deletes_nothing_while_redis_is_down(harness, private_redis_server):
+    held = harness.new_job()
+    await harness.store.submit(held, 10, None)
+    _age(held.pcm_path, held.envelope_path)
+    before = harness.spool_files()
+    private_redis_server.stop()
+    tasks = await _running(harness.runner(EvenAligner(), orphan_sweep_s=0.1, orphan_age_s=3600).sweep_orphans())
+    try:
+        await asyncio.sleep(3)  # several turns, each failing on Redis
+        assert not any(task.done() for task in tasks)  # a failed turn does not end the loop
+    finally:
+        await _stop(tasks)
+        private_redis_server.start()
+    assert harness.spool_files() == before

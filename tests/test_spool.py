@@ -131,6 +131,20 @@ def test_sweep_deletes_only_old_spool_files(tmp_path):
     assert sorted(tmp_path.iterdir()) == sorted([tmp_path / os.path.basename(files[2].path), unrelated, tmp_path / ".volume"])
 
 
+
+def test_sweep_spares_the_files_it_is_told_are_held(tmp_path):
+    spool = Spool(tmp_path)
+    files = []
+    for kind in ("pcm", "envelope", "pcm"):
+        with spool.writer(kind) as writer:
+            files.append(writer.commit())
+    an_hour_ago = time.time() - 3600
+    for file in files:
+        os.utime(file.path, (an_hour_ago, an_hour_ago))
+    assert spool.sweep(older_than_s=600, keep={files[0].path, files[1].path}) == 1
+    assert not os.path.exists(files[2].path) and os.path.exists(files[0].path) and os.path.exists(files[1].path)
+
+
 def test_every_process_that_sees_the_same_directory_reads_the_same_mark(tmp_path):
     directory = tmp_path / "shared"
     with multiprocessing.get_context("fork").Pool(8) as pool:  # all racing to write the first mark

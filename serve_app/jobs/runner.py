@@ -31,6 +31,8 @@ Failure policy:
   are skipped, and its terminal state is retried until Redis answers (jobs state must not be lost);
 - a failure on our side (5xx, deadline, attempts exhausted) refunds the audio seconds charged at
   submission; a failure of the input (4xx: the transcript does not match the audio) keeps them;
+- audio a crash left in the job spool (no queued or running job holds it) is deleted by
+  sweep_orphans once idle `orphan_age_s`; without Redis it is kept;
 - nothing raised here ends the loop: an unexpected error in one job fails that job (500, logged by
   type, never a traceback in the job document);
 - a cancelled runner (its replica stopping) stops: the store's client never returns from a command
@@ -181,16 +183,41 @@ class JobRunner:
 
     async def sweep_expired(self) -> None:
         """Forever: delete ended jobs past their retention, one audit line each."""
+
+        async def expire_ended() -> None:
+            for job_id in await self._store.expired(time.time()):
+                owner = await self._store.expire(job_id)
+                if owner is not None:
+                    metrics.JOBS.inc(tags={"event": "expired"})
+                    self._audit.record(AuditContext("-", "-", "job-runner", None), "job", "expired", "retention", job_id=job_id)
+
+        await self._every(lambda: self.options.expiry_sweep_s, "job expiry sweep", expire_ended)
+
+    async def sweep_orphans(self) -> None:
+        """Forever: delete job spool files no queued or running job holds, once idle `orphan_age_s`.
+
+        They are what a crash leaves: an ingress between moving a job's audio in and submitting it,
+        a runner between ending a job and removing its audio. Without Redis nothing is deleted (it
+        cannot be told which files are still held); the age covers a job being submitted meanwhile.
+        """
+
+        async def delete_orphans() -> None:
+            held = await self._store.queued_audio()
+            removed = await asyncio.to_thread(self._spool.sweep, self.options.orphan_age_s, held)
+            if removed:
+                logger.warning("job spool sweep: %d orphaned file(s) deleted", removed)
+
+        await self._every(lambda: self.options.orphan_sweep_s, "job spool sweep", delete_orphans)
+
+    @staticmethod
+    async def _every(interval_s: Callable[[], float], what: str, step: Callable[[], Awaitable[None]]) -> None:
+        """`step()` forever, `interval_s()` apart; a Redis failure is logged and waits for the next turn."""
         while True:
             try:
-                for job_id in await self._store.expired(time.time()):
-                    owner = await self._store.expire(job_id)
-                    if owner is not None:
-                        metrics.JOBS.inc(tags={"event": "expired"})
-                        self._audit.record(AuditContext("-", "-", "job-runner", None), "job", "expired", "retention", job_id=job_id)
+                await step()
             except STORE_ERRORS as error:
-                logger.warning("job expiry sweep: Redis failed (%s); retrying later", type(error).__name__)
-            await asyncio.sleep(self.options.expiry_sweep_s)
+                logger.warning("%s: Redis failed (%s); retrying later", what, type(error).__name__)
+            await asyncio.sleep(interval_s())
 
     # -- one job ---------------------------------------------------------------------------------
 

@@ -457,6 +457,19 @@ class JobStore:
             await pipe.execute()
         return owner
 
+    async def queued_audio(self) -> set[str]:
+        """The spool paths of every job with an entry in the stream: the audio no sweep may take.
+
+        Every job not yet ended has one (submission adds it in the same script, a deferral swaps it
+        in one transaction, and it is acknowledged only after the job ended or is gone).
+        """
+        job_ids = {fields.get("job", "") for _, fields in await self.redis.xrange(self.queue)}
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for job_id in job_ids:
+                pipe.hmget(self._job_key(job_id), ["pcm_path", "envelope_path"])
+            paths = await pipe.execute()
+        return {path for pair in paths for path in pair if path}
+
     async def queue_depth(self) -> int:
         """Entries not yet acknowledged: waiting for a runner or being worked on."""
         try:

@@ -17,7 +17,8 @@ Failure policy:
   client sent; files are created O_EXCL | O_NOFOLLOW, mode 0o600;
 - a SpoolWriter left without commit(), by an exception or not, deletes its file, so a refused or
   broken upload leaves nothing behind; committed files are the caller's to remove();
-- files orphaned by a crashed process are deleted by sweep().
+- files orphaned by a crashed process are deleted by sweep(), which spares the files still in use
+  that its caller names.
 
 Writes are plain blocking writes: they land in the page cache, microseconds per 64 KiB chunk.
 """
@@ -29,6 +30,7 @@ import os
 import secrets
 import stat
 import time
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, get_args
@@ -143,8 +145,9 @@ class Spool:
             raise ValueError("not a file in this spool")
         Path(path).unlink(missing_ok=True)
 
-    def sweep(self, older_than_s: float) -> int:
-        """Delete spool files not written for `older_than_s` (orphans); returns how many.
+    def sweep(self, older_than_s: float, keep: Collection[str] = ()) -> int:
+        """Delete spool files not written for `older_than_s` (orphans), except the paths in `keep`;
+        returns how many.
 
         A writer still receiving data keeps its file's mtime fresh, so only files idle that long go.
         Entries this spool did not name (no kind prefix) are left alone.
@@ -154,7 +157,7 @@ class Spool:
         removed = 0
         with os.scandir(self._directory) as entries:
             for entry in entries:
-                if not entry.name.startswith(prefixes):
+                if not entry.name.startswith(prefixes) or entry.path in keep:
                     continue
                 try:
                     if entry.is_file(follow_symlinks=False) and entry.stat(follow_symlinks=False).st_mtime < cutoff:

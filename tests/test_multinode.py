@@ -146,23 +146,6 @@ def test_losing_a_cpu_node_under_load(pool_cluster, api_key):
     cluster.add_node("cpu_workers")
 
 
-def test_losing_the_serve_controller_leaves_the_data_path_serving(pool_cluster, api_key):
-    cluster, _ = pool_cluster
-    with load(pool_cluster, api_key) as running:
-        wait_for(lambda: running.successes_since(0) >= CLIENTS, 60, what="load running")
-        (controller,) = cluster.live_actors("ServeController")
-        os.kill(controller.pid, signal.SIGKILL)  # a crash, not a shutdown; Ray restarts it (Serve's controller is restartable)
-        killed = time.monotonic()
-        time.sleep(10)
-        served_while_restarting = running.successes_since(killed)
-        wait_for(lambda: running_replicas(APP).get("Ingress") == 2, 60, what="controller answering again")
-    # Proxies and replicas keep serving without it: every request succeeds, none waits for it.
-    assert {outcome.status for outcome in running.outcomes} == {200}
-    assert served_while_restarting >= CLIENTS
-    (restarted,) = cluster.live_actors("ServeController")
-    assert restarted.pid != controller.pid and "ServeController" in cluster.actors_on_head()
-
-
 def test_a_load_step_scales_out_on_the_pools_and_back(pool_cluster, api_key):
     cluster, _ = pool_cluster
     deploy([pool_graph({**FIXED, **STEP_REPLICAS}, FAST_AUTOSCALING)])
@@ -198,3 +181,23 @@ def test_a_node_whose_spool_is_not_the_shared_one_is_named_and_fails_readiness(p
         assert "scanner" in check["detail"] and "ALIGNER_SPOOL_DIR" in check["detail"]
         # Readiness follows: a load balancer stops sending traffic while the probe reaches that node's scanner.
         wait_for(lambda: client.get("/v1/ready").status_code == 503, 60, interval_s=0.5, what="readiness failing")
+    cluster.kill_node(apart)  # the cluster back to its shape, every spool shared, for the next test
+    deploy([pool_graph(FIXED)])
+    wait_for(lambda: running_replicas(APP) == FIXED, 120, what="the fixed graph", state=lambda: running_replicas(APP))
+
+
+def test_losing_the_serve_controller_leaves_the_data_path_serving(pool_cluster, api_key):
+    cluster, _ = pool_cluster
+    with load(pool_cluster, api_key) as running:
+        wait_for(lambda: running.successes_since(0) >= CLIENTS, 60, what="load running")
+        (controller,) = cluster.live_actors("ServeController")
+        os.kill(controller.pid, signal.SIGKILL)  # a crash, not a shutdown; Ray restarts it (Serve's controller is restartable)
+        killed = time.monotonic()
+        time.sleep(10)
+        served_while_restarting = running.successes_since(killed)
+        wait_for(lambda: running_replicas(APP).get("Ingress") == 2, 60, what="controller answering again")
+    # Proxies and replicas keep serving without it: every request succeeds, none waits for it.
+    assert {outcome.status for outcome in running.outcomes} == {200}
+    assert served_while_restarting >= CLIENTS
+    (restarted,) = cluster.live_actors("ServeController")
+    assert restarted.pid != controller.pid and "ServeController" in cluster.actors_on_head()

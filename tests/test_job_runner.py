@@ -27,7 +27,7 @@ from serve_app.security.audit import LOGGER_NAME as AUDIT_LOGGER
 from serve_app.security.audit import AuditLog
 from serve_app.security.redis_store import redis_client
 from serve_app.settings import JobRunnerOptions
-from tests.support.spool import spool_entries
+from tests.support.spool import age, spool_entries
 
 BACKEND = BackendInfo(name="even", model="even-spacing", languages=frozenset({"English"}), max_audio_seconds=30.0)
 TEXT = "one two three four five six"
@@ -331,19 +331,13 @@ async def test_a_runner_cancelled_at_any_moment_stops(harness):
         await _stop([task])
 
 
-def _age(*paths: str, seconds: float = 7200.0) -> None:
-    then = time.time() - seconds
-    for path in paths:
-        os.utime(path, (then, then))
-
-
 @pytest.mark.asyncio
 async def test_the_orphan_sweep_deletes_old_audio_no_queued_or_running_job_holds(harness):
     held = harness.new_job()
     await harness.store.submit(held, 10, None)  # queued: no runner is running
     orphan = harness.new_job()  # moved in, never submitted: an ingress that crashed
     young = harness.new_job()  # moved in a moment ago, about to be submitted
-    _age(held.pcm_path, held.envelope_path, orphan.pcm_path, orphan.envelope_path)
+    age(held.pcm_path, held.envelope_path, orphan.pcm_path, orphan.envelope_path, seconds=7200)
     tasks = await _running(harness.runner(EvenAligner(), orphan_sweep_s=0.1, orphan_age_s=3600).sweep_orphans())
     try:
         assert await _eventually(lambda: not os.path.exists(orphan.pcm_path), 5)
@@ -357,7 +351,7 @@ async def test_the_orphan_sweep_deletes_old_audio_no_queued_or_running_job_holds
 async def test_the_orphan_sweep_deletes_nothing_while_redis_is_down(harness, private_redis_server):
     held = harness.new_job()
     await harness.store.submit(held, 10, None)
-    _age(held.pcm_path, held.envelope_path)
+    age(held.pcm_path, held.envelope_path, seconds=7200)
     before = harness.spool_files()
     private_redis_server.stop()
     tasks = await _running(harness.runner(EvenAligner(), orphan_sweep_s=0.1, orphan_age_s=3600).sweep_orphans())

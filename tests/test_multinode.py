@@ -77,6 +77,12 @@ def assert_each_answer_is_a_success_or_a_503_to_retry(outcomes) -> None:
             assert outcome.retry_after is not None and int(outcome.retry_after) >= 1, outcome
 
 
+def redeploy_fixed() -> None:
+    """The module's fixed graph (FIXED) again, every replica running."""
+    deploy([pool_graph(FIXED)])
+    wait_for(lambda: running_replicas(APP) == FIXED, 120, what="the fixed graph", state=lambda: running_replicas(APP))
+
+
 def node_of_replicas(cluster: PoolCluster, deployment: str) -> list:
     return [node for node in cluster.nodes_of("cpu_workers") + cluster.nodes_of("gpu_workers") if cluster.replicas_on(node, deployment)]
 
@@ -121,8 +127,7 @@ def test_a_load_step_scales_out_on_the_pools_and_back(pool_cluster, api_key):
     assert placement["Scanner"] == ["cpu_workers"] * STEP_REPLICAS["Scanner"][1]
     assert placement["Aligner"] == ["gpu_workers"] * STEP_REPLICAS["Aligner"][1]
     wait_for(scaled_to(0), 180, what="back to the minimum", state=lambda: running_replicas(APP))
-    deploy([pool_graph(FIXED)])  # the fixed graph again, for the node-loss tests
-    wait_for(lambda: running_replicas(APP) == FIXED, 120, what="the fixed graph", state=lambda: running_replicas(APP))
+    redeploy_fixed()  # for the node-loss tests
 
 
 def test_losing_the_aligners_gpu_node_under_load(pool_cluster, api_key, redis_server):
@@ -185,8 +190,7 @@ def test_a_node_whose_spool_is_not_the_shared_one_is_named_and_fails_readiness(p
         # Readiness follows: a load balancer stops sending traffic while the probe reaches that node's scanner.
         wait_for(lambda: client.get("/v1/ready").status_code == 503, 60, interval_s=0.5, what="readiness failing")
     cluster.kill_node(apart)  # the cluster back to its shape, every spool shared, for the next test
-    deploy([pool_graph(FIXED)])
-    wait_for(lambda: running_replicas(APP) == FIXED, 120, what="the fixed graph", state=lambda: running_replicas(APP))
+    redeploy_fixed()
 
 
 def test_losing_the_serve_controller_leaves_the_data_path_serving(pool_cluster, api_key):

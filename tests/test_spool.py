@@ -6,13 +6,12 @@ import hashlib
 import multiprocessing
 import os
 import stat
-import time
 
 import numpy as np
 import pytest
 
 from serve_app.media.spool import Spool, SpooledFile
-from tests.support.spool import spool_entries
+from tests.support.spool import age, spool_entries
 
 
 def mode(path) -> int:
@@ -116,31 +115,28 @@ def test_remove_is_idempotent_and_stays_inside_the_spool(tmp_path):
     assert outside.exists()
 
 
-def test_sweep_deletes_only_old_spool_files(tmp_path):
-    spool = Spool(tmp_path)
+def _committed(spool: Spool, *kinds: str) -> list:
     files = []
-    for kind in ("upload", "pcm", "upload"):
+    for kind in kinds:
         with spool.writer(kind) as writer:
             files.append(writer.commit())
+    return files
+
+
+def test_sweep_deletes_only_old_spool_files(tmp_path):
+    spool = Spool(tmp_path)
+    files = _committed(spool, "upload", "pcm", "upload")
     unrelated = tmp_path / "notes.txt"
     unrelated.write_text("not the spool's")
-    an_hour_ago = time.time() - 3600
-    for path in (files[0].path, files[1].path, unrelated, tmp_path / ".volume"):
-        os.utime(path, (an_hour_ago, an_hour_ago))
+    age(files[0].path, files[1].path, unrelated, tmp_path / ".volume", seconds=3600)
     assert spool.sweep(older_than_s=600) == 2
     assert sorted(tmp_path.iterdir()) == sorted([tmp_path / os.path.basename(files[2].path), unrelated, tmp_path / ".volume"])
 
 
-
 def test_sweep_spares_the_files_it_is_told_are_held(tmp_path):
     spool = Spool(tmp_path)
-    files = []
-    for kind in ("pcm", "envelope", "pcm"):
-        with spool.writer(kind) as writer:
-            files.append(writer.commit())
-    an_hour_ago = time.time() - 3600
-    for file in files:
-        os.utime(file.path, (an_hour_ago, an_hour_ago))
+    files = _committed(spool, "pcm", "envelope", "pcm")
+    age(*(file.path for file in files), seconds=3600)
     assert spool.sweep(older_than_s=600, keep={files[0].path, files[1].path}) == 1
     assert not os.path.exists(files[2].path) and os.path.exists(files[0].path) and os.path.exists(files[1].path)
 

@@ -106,6 +106,10 @@ def load_step(url: str, api_key: str, clients: int) -> bool:
     print("  replica counts over time (s since the step up: Scanner, Aligner): " + ", ".join(f"{t:.0f}: {c}" for t, c in _changes(samples, stepped_up)))
     print(f"  maximum reached {_seconds(up_s)} after the step up   target <= 2 x upscale_delay_s = {2 * up_delay:.0f} s: {verdict(up_s <= 2 * up_delay)}")
     print(f"  minimum reached {_seconds(down_s)} after the step down   target <= 2 x downscale_delay_s = {2 * down_delay:.0f} s: {verdict(down_s <= 2 * down_delay)}")
+    for index, name in enumerate(SCALED):  # each deployment on its own: the Scanner's load follows the Aligner's scale-out
+        up = _first(samples, stepped_up, index, maximum[index]) - stepped_up
+        down = _first(samples, stepped_down, index, minimum[index]) - stepped_down
+        print(f"  {name}: maximum {_seconds(up)} after the step up, minimum {_seconds(down)} after the step down")
     return up_s <= 2 * up_delay and down_s <= 2 * down_delay
 
 
@@ -123,6 +127,11 @@ def _sample_until(samples: list, since: float, done, timeout_s: float) -> float:
             return time.monotonic()
         time.sleep(0.5)
     return float("inf")
+
+
+def _first(samples: list, since: float, index: int, value: int) -> float:
+    """When deployment `index` first had `value` replicas at or after `since` (infinity: never)."""
+    return next((moment for moment, now in samples if moment >= since and now[index] == value), float("inf"))
 
 
 def _changes(samples: list, origin: float) -> list[tuple[float, tuple[int, ...]]]:

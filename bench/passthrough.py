@@ -43,7 +43,7 @@ class BareAligner:
     async def align(self, job: AlignmentJob) -> JobOutcome:
         return await self._batcher.submit(job)
 
-    async def _run(self, jobs: list[AlignmentJob], background: bool) -> list[JobOutcome]:
+    async def _run(self, jobs: list[AlignmentJob]) -> list[JobOutcome]:
         if self._backend is None:
             return [[UnitTiming(job.units[0], 0.0, audio_seconds(job), 1.0)] for job in jobs]
         return await asyncio.to_thread(self._backend.align_batch, jobs)

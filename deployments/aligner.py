@@ -3,10 +3,7 @@
 Continuous batching (deployments.batching): a job that reaches an idle replica starts at once;
 jobs that arrive while a batch runs form the next one, up to `max_batch_size` jobs and
 `max_batch_audio_seconds` of audio (live knobs, `user_config`). Requests' jobs go before job
-windows (background), which never delay a request by more than the one batch running. Background
-batches run in a thread of their own at a lower CPU priority (`BACKGROUND_NICE`), so where the
-replica shares CPUs with the rest of the graph a job's windows give way to requests' uploads, scans
-and decoding; if the priority cannot be lowered they run at the normal one (logged). Serve
+windows (background), which never delay a request by more than the one batch running. Serve
 never gives a replica more than `max_ongoing_requests` at once, so that must be >= `max_batch_size`
 (the config lint checks it).
 
@@ -27,10 +24,8 @@ import asyncio
 import dataclasses
 import logging
 import os
-import threading
 import time
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from ray import serve
@@ -46,10 +41,6 @@ from serve_app.settings import AlignerOptions, GraphArgs
 logger = logging.getLogger("ray.serve")
 
 _PROBE_AUDIO_SECONDS = 1.0
-# Added to the replica's nice value for the background-batch thread (Linux nice values are per
-# thread). 10: a CPU-bound window then gets about a tenth of a contended CPU against normal work,
-# and all of an idle one.
-BACKGROUND_NICE = 10
 
 
 def audio_seconds(job: AlignmentJob) -> float:
@@ -59,15 +50,6 @@ def audio_seconds(job: AlignmentJob) -> float:
 def batch_limits(options: AlignerOptions) -> BatchLimits:
     """The batcher's limits from the aligner's live options (bench/passthrough.py batches the same way)."""
     return BatchLimits(options.max_batch_size, options.max_batch_audio_seconds, options.max_background_batch_size)
-
-
-def _lower_priority() -> None:
-    """Run in the background-batch thread as it starts: its nice value BACKGROUND_NICE above the replica's."""
-    thread = threading.get_native_id()
-    try:
-        os.setpriority(os.PRIO_PROCESS, thread, min(19, os.getpriority(os.PRIO_PROCESS, thread) + BACKGROUND_NICE))
-    except (AttributeError, OSError) as error:  # not Linux, or not allowed: normal priority, which is only slower for requests
-        logger.warning("background batches run at normal CPU priority: %s", type(error).__name__)
 
 
 class BackendUnhealthy(RuntimeError):
@@ -90,7 +72,6 @@ class Aligner:
         self._backend = backend or load_backend(args)
         # The one way into the backend, which is not thread-safe (one decoder): the health probe too.
         self._batcher = ContinuousBatcher(self._run, audio_seconds, batch_limits(AlignerOptions()), self._observe_wait)
-        self._background_thread = ThreadPoolExecutor(1, thread_name_prefix="background-batches", initializer=_lower_priority)
         self._failure_streak = 0  # jobs in a row the backend failed on (BackendFailed)
         self._batch_sizes: Counter[int] = Counter()
 
@@ -113,12 +94,12 @@ class Aligner:
         tags = {"backend": self._backend.info.name, "work": "background" if background else "request"}
         metrics.BATCH_QUEUE_SECONDS.observe(seconds, tags=tags)
 
-    async def _run(self, jobs: list[AlignmentJob], background: bool = False) -> list[JobOutcome]:
+    async def _run(self, jobs: list[AlignmentJob]) -> list[JobOutcome]:
         backend = self._backend.info.name
         self._batch_sizes[len(jobs)] += 1
         metrics.BATCH_SIZE.observe(len(jobs), tags={"backend": backend})
         started = time.perf_counter()
-        outcomes = await self._call_backend(jobs, background)
+        outcomes = await self._call_backend(jobs)
         metrics.INFERENCE_SECONDS.observe(time.perf_counter() - started, tags={"backend": backend})
         for outcome in outcomes:
             if isinstance(outcome, BackendFailed):
@@ -128,11 +109,10 @@ class Aligner:
                 self._failure_streak = 0
         return outcomes
 
-    async def _call_backend(self, jobs: list[AlignmentJob], background: bool) -> list[JobOutcome]:
+    async def _call_backend(self, jobs: list[AlignmentJob]) -> list[JobOutcome]:
         try:
             # Inference blocks (CPU or GPU): keep the replica's event loop free for arrivals.
-            executor = self._background_thread if background else None  # None: the loop's default threads
-            outcomes = await asyncio.get_running_loop().run_in_executor(executor, self._backend.align_batch, jobs)
+            outcomes = await asyncio.to_thread(self._backend.align_batch, jobs)
         except Exception as error:  # a backend broke its per-job contract: fail the batch's jobs, not the replica
             logger.error("%s backend raised for a batch of %d: %s", self._backend.info.name, len(jobs), type(error).__name__)
             return [BackendFailed.from_error(error)] * len(jobs)

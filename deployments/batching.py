@@ -14,8 +14,6 @@ back at the end of the queue, behind later arrivals. One small queue here does a
 Two classes of work share the backend: requests (POST /v1/align) and background work (the windows
 of asynchronous jobs). A batch is drawn from the requests whenever any wait; background work runs
 only when none does, so it delays a request by at most the one batch already running.
-`run_batch(jobs, background)` is told which class a batch is (the aligner runs background batches
-at a lower CPU priority).
 
 Limits (`BatchLimits`, live): a batch holds at most `max_jobs` jobs (`max_background_jobs` for
 background work) and at most `max_seconds` of audio; a single job longer than that runs alone
@@ -65,7 +63,7 @@ class ContinuousBatcher(Generic[Job, Outcome]):
 
     def __init__(
         self,
-        run_batch: Callable[[list[Job], bool], Awaitable[Sequence[Outcome]]],
+        run_batch: Callable[[list[Job]], Awaitable[Sequence[Outcome]]],
         seconds_of: Callable[[Job], float],
         limits: BatchLimits,
         observe_wait: Callable[[float, bool], None] = lambda seconds, background: None,
@@ -109,11 +107,10 @@ class ContinuousBatcher(Generic[Job, Outcome]):
 
     async def _drain(self) -> None:
         """Run batches until nothing is queued; `submit` starts this again on the next arrival."""
-        while (batch_and_class := self._next_batch()) is not None:
-            await self._run(*batch_and_class)
+        while batch := self._next_batch():
+            await self._run(batch)
 
-    def _next_batch(self) -> tuple[list[_Entry[Job]], bool] | None:
-        """The next batch and whether it is background work; None when nothing waits."""
+    def _next_batch(self) -> list[_Entry[Job]]:
         limits = self.limits
         for background, queue, max_jobs in ((False, self._requests, limits.max_jobs), (True, self._background, limits.max_background_jobs)):
             batch: list[_Entry[Job]] = []
@@ -131,13 +128,13 @@ class ContinuousBatcher(Generic[Job, Outcome]):
                 now = time.monotonic()
                 for entry in batch:
                     self._observe_wait(now - entry.arrived, background)
-                return batch, background
-        return None
+                return batch
+        return []
 
-    async def _run(self, batch: list[_Entry[Job]], background: bool) -> None:
+    async def _run(self, batch: list[_Entry[Job]]) -> None:
         self.running = len(batch)
         try:
-            outcomes = list(await self._run_batch([entry.job for entry in batch], background))
+            outcomes = list(await self._run_batch([entry.job for entry in batch]))
             if len(outcomes) != len(batch):
                 raise RuntimeError(f"run_batch answered {len(outcomes)} outcomes for {len(batch)} jobs")
         except Exception as error:

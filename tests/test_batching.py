@@ -1,21 +1,13 @@
-"""Continuous batching (deployments.batching): no wait at an idle backend, arrivals form the next batch;
-the Aligner runs background batches at a lower CPU priority."""
+"""Continuous batching (deployments.batching): no wait at an idle backend, arrivals form the next batch."""
 
 from __future__ import annotations
 
 import asyncio
-import os
-import threading
 import time
 
-import numpy as np
 import pytest
 
-from deployments.aligner import BACKGROUND_NICE, Aligner
-from deployments.backends.base import SAMPLE_RATE, AlignmentJob
-from deployments.backends.pocketsphinx import PocketSphinxBackend
 from deployments.batching import BatchLimits, ContinuousBatcher
-from serve_app.settings import AlignerOptions, GraphArgs
 
 LIMITS = BatchLimits(max_jobs=4, max_seconds=100.0, max_background_jobs=2)
 
@@ -25,13 +17,11 @@ class Backend:
 
     def __init__(self, held: int = 0) -> None:
         self.batches: list[list[str]] = []
-        self.classes: list[bool] = []  # each batch's: background work or requests
         self.release = asyncio.Event()
         self._held = held
 
-    async def run(self, jobs: list[tuple[str, float]], background: bool) -> list[str]:
+    async def run(self, jobs: list[tuple[str, float]]) -> list[str]:
         self.batches.append([name for name, _ in jobs])
-        self.classes.append(background)
         if len(self.batches) <= self._held:
             await self.release.wait()
         return [f"{name} done" for name, _ in jobs]
@@ -127,17 +117,16 @@ async def test_requests_go_before_queued_background_work_which_is_never_preempte
     backend.release.set()
     await asyncio.gather(running, *windows, request)
     assert backend.batches == [["w0"], ["request"], ["w1", "w2"], ["w3"]]  # max_background_jobs 2
-    assert backend.classes == [True, False, True, True]  # run_batch is told each batch's class
     assert [background for _, background in waits] == [True, False, True, True, True]
 
 
 @pytest.mark.asyncio
 async def test_a_failing_batch_fails_each_of_its_jobs_and_the_next_batch_runs():
     class Broken(Backend):
-        async def run(self, jobs, background):
+        async def run(self, jobs):
             if any(name == "poison" for name, _ in jobs):
                 raise RuntimeError("backend broke")
-            return await super().run(jobs, background)
+            return await super().run(jobs)
 
     backend = Broken()
     batcher = batcher_for(backend)
@@ -150,7 +139,7 @@ async def test_a_failing_batch_fails_each_of_its_jobs_and_the_next_batch_runs():
 
 @pytest.mark.asyncio
 async def test_a_wrong_number_of_outcomes_fails_every_job_of_the_batch():
-    async def short_by_one(jobs, background):
+    async def short_by_one(jobs):
         return ["only one"]
 
     batcher = ContinuousBatcher(short_by_one, lambda job: 1.0, LIMITS)
@@ -187,28 +176,3 @@ def test_limits_must_be_positive():
     for limits in ((0, 1.0, 1), (1, 0.0, 1), (1, 1.0, 0)):
         with pytest.raises(ValueError):
             BatchLimits(*limits)
-
-
-class PriorityRecordingPocketSphinx(PocketSphinxBackend):
-    """Records the nice value of the thread each batch runs in."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.nice_values: list[int] = []
-
-    def align_batch(self, jobs):
-        self.nice_values.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
-        return super().align_batch(jobs)
-
-
-@pytest.mark.asyncio
-async def test_the_aligner_runs_background_batches_at_a_lower_cpu_priority_than_requests():
-    backend = PriorityRecordingPocketSphinx()
-    aligner = Aligner.func_or_class(GraphArgs(backend="pocketsphinx"), backend=backend)
-    aligner.reconfigure(AlignerOptions().model_dump())
-    job = AlignmentJob(np.zeros(SAMPLE_RATE, dtype=np.float32), ("hello",), "English")
-    base = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
-    await aligner.align(job, background=True)
-    await aligner.align(job)
-    await aligner.align(job, background=True)
-    assert backend.nice_values == [min(19, base + BACKGROUND_NICE), base, min(19, base + BACKGROUND_NICE)]

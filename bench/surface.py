@@ -181,8 +181,8 @@ def _flood_process(url: str, stop_in_s: float, answers, raw: bool) -> None:
     answers.put(asyncio.run((flood_ready_raw if raw else flood_ready)(url, time.monotonic() + stop_in_s)))
 
 
-def summary(values: list[float], unit: str, scale: float = 1.0) -> str:
-    return f"median {statistics.median(values) * scale:.1f} {unit} (range {min(values) * scale:.1f}-{max(values) * scale:.1f})"
+def summary(values: list[float], unit: str, scale: float = 1.0, digits: int = 1) -> str:
+    return f"median {statistics.median(values) * scale:.{digits}f} {unit} (range {min(values) * scale:.{digits}f}-{max(values) * scale:.{digits}f})"
 
 
 def main() -> None:
@@ -232,7 +232,7 @@ def main() -> None:
         server_errors = sum(count for status, count in statuses.items() if status == 0 or status >= 500)
         ratios.append(loaded / idle)
         print(f"idle p50 {idle * 1000:.0f} ms, during flood {loaded * 1000:.0f} ms ({loaded / idle:.2f}x); /v1/ready answers {dict(sorted(statuses.items()))}, 5xx/none {server_errors}; align refusals {refused} (idle: {idle_refused})")
-    print(f"align p50 ratio {summary(ratios, 'x')} (target <= {TARGET_ALIGN_RATIO}): {'PASS' if statistics.median(ratios) <= TARGET_ALIGN_RATIO else 'FAIL'}")
+    print(f"align p50 ratio {summary(ratios, 'x', digits=2)} (target <= {TARGET_ALIGN_RATIO}): {'PASS' if statistics.median(ratios) <= TARGET_ALIGN_RATIO else 'FAIL'}")
 
     print(f"\n-- stress, no target: the same flood over {READY_CLIENTS} raw keep-alive sockets")
     for _ in range(arguments.repetitions):

@@ -3,11 +3,13 @@
 The shipped file is used as is, except for its addresses (loopback ports of the test's own, no TLS)
 and its timeouts, shortened to 1 s so each cut-off shows within seconds: header trickle, an idle
 connection, an idle keep-alive connection, a stalled body (which never reaches the upstream), an
-oversized body, and X-Forwarded-For appended rather than replaced.
+oversized body, X-Forwarded-For appended rather than replaced, and the per-address flood limits
+(requests a second, requests in flight), refused with a 429 problem document.
 """
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import socket
@@ -21,12 +23,16 @@ import pytest
 
 CONFIG = Path(__file__).resolve().parents[1] / "deploy" / "nginx" / "aligner.conf"
 SHORT_TIMEOUT_S = 1.0
+SLOW_UPSTREAM_S = 1.5
+RATE_PER_S, BURST, CONNECTIONS = 50, 100, 64  # aligner.conf's limits per client address
 
 
 class _Upstream(BaseHTTPRequestHandler):
     seen: list[dict[str, str]] = []
 
     def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+        if self.path == "/slow":
+            time.sleep(SLOW_UPSTREAM_S)  # a request in flight, for the connection limit
         self._answer()
 
     def do_POST(self) -> None:  # noqa: N802
@@ -43,6 +49,10 @@ class _Upstream(BaseHTTPRequestHandler):
 
     def log_message(self, *args) -> None:
         pass
+
+
+class _UpstreamServer(ThreadingHTTPServer):
+    request_queue_size = 256  # nginx opens one upstream connection per request in flight (the connection-limit test)
 
 
 def _free_port() -> int:
@@ -65,7 +75,7 @@ def _rendered(upstream_port: int, listen_port: int) -> str:
 def proxy(tmp_path_factory):
     nginx = shutil.which("nginx") or "/usr/sbin/nginx"
     assert Path(nginx).exists(), "nginx is required (Makefile APT_PACKAGES)"
-    upstream = ThreadingHTTPServer(("127.0.0.1", 0), _Upstream)
+    upstream = _UpstreamServer(("127.0.0.1", 0), _Upstream)
     threading.Thread(target=upstream.serve_forever, daemon=True).start()
     root = tmp_path_factory.mktemp("nginx")
     port = _free_port()
@@ -74,7 +84,7 @@ def proxy(tmp_path_factory):
     (root / "nginx.conf").write_text(
         # One process and no user switch: a test harness, not how production runs nginx.
         f"daemon off;\nmaster_process off;\npid {root / 'nginx.pid'};\nerror_log {root / 'error.log'} info;\n"
-        f"events {{ worker_connections 64; }}\n"
+        f"events {{ worker_connections 1024; }}\n"
         f"http {{\naccess_log off;\n{temp}include {root / 'aligner.conf'};\n}}\n"
     )
     process = subprocess.Popen([nginx, "-p", str(root), "-c", str(root / "nginx.conf")], stderr=subprocess.PIPE)
@@ -165,3 +175,61 @@ def test_an_oversized_body_is_refused_by_its_content_length(proxy):
         connection.sendall(b"POST /v1/align HTTP/1.1\r\nHost: x\r\nContent-Length: 30000000\r\nConnection: close\r\n\r\n")
         answer = connection.recv(4096)
     assert answer.startswith(b"HTTP/1.1 413") and len(_Upstream.seen) == before
+
+
+def _get(connection: socket.socket, path: str = "/v1/ready") -> tuple[int, bytes, bytes]:
+    """One keep-alive GET: status, head and body."""
+    connection.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    answer = b""
+    while b"\r\n\r\n" not in answer:
+        answer += connection.recv(65536)
+    head, body = answer.split(b"\r\n\r\n", 1)
+    length = int(re.search(rb"(?im)^content-length: *(\d+)", head).group(1))
+    while len(body) < length:
+        body += connection.recv(65536)
+    return int(head.split(b" ", 2)[1]), head, body
+
+
+def _assert_flood_problem(head: bytes, body: bytes) -> None:
+    assert re.search(rb"(?im)^content-type: application/problem\+json", head), head
+    assert re.search(rb"(?im)^retry-after: 1\r?$", head), head
+    problem = json.loads(body)
+    assert (problem["type"], problem["status"]) == ("urn:forced-aligner:problem:abnormal-usage-detected", 429)
+
+
+def test_a_flood_from_one_address_is_refused_past_its_rate_and_burst(proxy):
+    statuses: list[int] = []
+    started = time.monotonic()
+    with socket.create_connection(("127.0.0.1", proxy)) as connection:
+        for _ in range(4 * BURST):
+            status, head, body = _get(connection)
+            statuses.append(status)
+            if status == 429:
+                refused = (head, body)
+    elapsed = time.monotonic() - started
+    assert set(statuses) == {200, 429}
+    assert BURST <= statuses.count(200) <= BURST + 1 + RATE_PER_S * elapsed + 1  # the burst passes, then the rate
+    _assert_flood_problem(*refused)
+    time.sleep(0.1)  # the bucket refills: not a ban
+    with socket.create_connection(("127.0.0.1", proxy)) as connection:
+        assert _get(connection)[0] == 200
+
+
+def test_requests_in_flight_from_one_address_are_capped(proxy):
+    time.sleep(BURST / RATE_PER_S + 0.5)  # the flood test's burst drained: only the connection limit refuses here
+    extra = 6
+    connections = [socket.create_connection(("127.0.0.1", proxy)) for _ in range(CONNECTIONS + extra)]
+    try:
+        for connection in connections:
+            connection.sendall(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
+        started = time.monotonic()
+        answers = []
+        for connection in connections:
+            connection.settimeout(SLOW_UPSTREAM_S + 5)
+            answers.append(connection.recv(65536))
+    finally:
+        for connection in connections:
+            connection.close()
+    statuses = [int(answer.split(b" ", 2)[1]) for answer in answers]
+    assert (statuses.count(200), statuses.count(429)) == (CONNECTIONS, extra)
+    assert time.monotonic() - started < SLOW_UPSTREAM_S * CONNECTIONS  # the upstream served them at once

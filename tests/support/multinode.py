@@ -66,7 +66,7 @@ CLIP_TEXT = "amongst her friends she was considered beautiful"
 # eight 1.2-1.75 once the Aligner has scaled out; before that, with the Aligner the bottleneck, the
 # scanners see little more than under one client) for a few seconds' lag.
 FAST_AUTOSCALING = {
-    "Scanner": {"target_ongoing_requests": 0.9, "upscale_delay_s": 15, "downscale_delay_s": 20, "look_back_period_s": 15, "metrics_interval_s": 0.5},
+    "Scanner": {"target_ongoing_requests": 0.75, "upscale_delay_s": 15, "downscale_delay_s": 20, "look_back_period_s": 15, "metrics_interval_s": 0.5},
     "Aligner": {"target_ongoing_requests": 2, "upscale_delay_s": 15, "downscale_delay_s": 20, "look_back_period_s": 15, "metrics_interval_s": 0.5},
 }
 # The load step's replica ranges (min, max): the test's and bench/multinode.py's.

@@ -3,7 +3,10 @@
 Continuous batching (deployments.batching): a job that reaches an idle replica starts at once;
 jobs that arrive while a batch runs form the next one, up to `max_batch_size` jobs and
 `max_batch_audio_seconds` of audio (live knobs, `user_config`). Requests' jobs go before job
-windows (background), which never delay a request by more than the one batch running. Serve
+windows (background), which never delay a request by more than the one batch running. Where the
+backend runs on CPU (PocketSphinx), job windows have a lane of their own: a second batcher and a
+second backend in a child process at a lower CPU priority (deployments.backends.child_process), so a
+request's batch runs beside a window instead of after it. Serve
 never gives a replica more than `max_ongoing_requests` at once, so that must be >= `max_batch_size`
 (the config lint checks it).
 
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
 import os
 import time
@@ -32,6 +36,7 @@ from ray import serve
 
 from deployments.backends import load_backend
 from deployments.backends.base import SAMPLE_RATE, AlignerBackend, AlignmentJob, BackendFailed, BackendInfo, JobOutcome, SharedPcm
+from deployments.backends.child_process import ChildProcessBackend
 from deployments.batching import BatchLimits, ContinuousBatcher
 from deployments.probe_access_log import quiet_probe_access_logs
 from serve_app import metrics
@@ -52,6 +57,13 @@ def batch_limits(options: AlignerOptions) -> BatchLimits:
     return BatchLimits(options.max_batch_size, options.max_batch_audio_seconds, options.max_background_batch_size)
 
 
+def window_lane(args: GraphArgs, backend: AlignerBackend) -> AlignerBackend | None:
+    """The backend for job windows, apart from requests' (None: one lane for both)."""
+    if not args.windows_in_child_process or backend.info.name != "pocketsphinx":
+        return None  # Qwen3: a second model would double the GPU memory, and its batches are short
+    return ChildProcessBackend(functools.partial(load_backend, args), backend.info)
+
+
 class BackendUnhealthy(RuntimeError):
     """Raised by check_health: Serve replaces the replica after its health_check failure threshold."""
 
@@ -65,20 +77,27 @@ class BackendUnhealthy(RuntimeError):
     user_config=AlignerOptions().model_dump(),
 )
 class Aligner:
-    def __init__(self, args: GraphArgs, backend: AlignerBackend | None = None) -> None:
-        """`backend`: an already built one (tests and bench/); otherwise the one `args` names."""
+    def __init__(self, args: GraphArgs, backend: AlignerBackend | None = None, window_backend: AlignerBackend | None = None) -> None:
+        """`backend`: an already built one (tests and bench/); otherwise the one `args` names.
+        `window_backend`: the job windows' (tests); otherwise `window_lane(args, backend)`."""
         metrics.label_with_replica()
         quiet_probe_access_logs("load", "info")  # the ingress probes these every second or two
         self._backend = backend or load_backend(args)
-        # The one way into the backend, which is not thread-safe (one decoder): the health probe too.
+        # The one way into each backend, which is not thread-safe (one decoder): the health probe too.
         self._batcher = ContinuousBatcher(self._run, audio_seconds, batch_limits(AlignerOptions()), self._observe_wait)
+        self._window_backend = window_backend or window_lane(args, self._backend)
+        self._window_batcher = None
+        if self._window_backend is not None:
+            self._window_batcher = ContinuousBatcher(self._run_windows, audio_seconds, batch_limits(AlignerOptions()), self._observe_wait)
         self._failure_streak = 0  # jobs in a row the backend failed on (BackendFailed)
         self._batch_sizes: Counter[int] = Counter()
 
     def reconfigure(self, user_config: dict) -> None:
         options = AlignerOptions.model_validate(user_config)
         self._unhealthy_after_failures = options.unhealthy_after_failures
-        self._batcher.limits = batch_limits(options)
+        for batcher in (self._batcher, self._window_batcher):
+            if batcher is not None:
+                batcher.limits = batch_limits(options)
         self._capacity = 2 * options.max_batch_size  # one batch running, one filling
 
     async def info(self) -> BackendInfo:
@@ -88,6 +107,8 @@ class Aligner:
         """`background`: an asynchronous job's window, batched apart and run only when no request's job waits."""
         if isinstance(job.audio, SharedPcm):  # decoded audio the scanner shared: read it from the object store
             job = dataclasses.replace(job, audio=float_samples(await job.audio.ref[0]))
+        if background and self._window_batcher is not None:
+            return await self._window_batcher.submit(job, background)
         return await self._batcher.submit(job, background)
 
     def _observe_wait(self, seconds: float, background: bool) -> None:
@@ -95,11 +116,18 @@ class Aligner:
         metrics.BATCH_QUEUE_SECONDS.observe(seconds, tags=tags)
 
     async def _run(self, jobs: list[AlignmentJob]) -> list[JobOutcome]:
+        """A batch of the requests' lane (and of job windows where there is no second lane)."""
+        return await self._run_on(self._backend, jobs)
+
+    async def _run_windows(self, jobs: list[AlignmentJob]) -> list[JobOutcome]:
+        return await self._run_on(self._window_backend, jobs)
+
+    async def _run_on(self, lane: AlignerBackend, jobs: list[AlignmentJob]) -> list[JobOutcome]:
         backend = self._backend.info.name
         self._batch_sizes[len(jobs)] += 1
         metrics.BATCH_SIZE.observe(len(jobs), tags={"backend": backend})
         started = time.perf_counter()
-        outcomes = await self._call_backend(jobs)
+        outcomes = await self._call_backend(lane, jobs)
         metrics.INFERENCE_SECONDS.observe(time.perf_counter() - started, tags={"backend": backend})
         for outcome in outcomes:
             if isinstance(outcome, BackendFailed):
@@ -109,10 +137,10 @@ class Aligner:
                 self._failure_streak = 0
         return outcomes
 
-    async def _call_backend(self, jobs: list[AlignmentJob]) -> list[JobOutcome]:
+    async def _call_backend(self, lane: AlignerBackend, jobs: list[AlignmentJob]) -> list[JobOutcome]:
         try:
             # Inference blocks (CPU or GPU): keep the replica's event loop free for arrivals.
-            outcomes = await asyncio.to_thread(self._backend.align_batch, jobs)
+            outcomes = await asyncio.to_thread(lane.align_batch, jobs)
         except Exception as error:  # a backend broke its per-job contract: fail the batch's jobs, not the replica
             logger.error("%s backend raised for a batch of %d: %s", self._backend.info.name, len(jobs), type(error).__name__)
             return [BackendFailed.from_error(error)] * len(jobs)

@@ -54,6 +54,10 @@ class GraphArgs(_Strict):
     qwen3_max_audio_seconds: float = Field(
         180.0, gt=0, le=300, description="Longer audio is rejected (the model is unreliable past ~300 s)."
     )
+    windows_in_child_process: bool = Field(
+        True, description="PocketSphinx: job windows are aligned by a second backend in a child process at a lower "
+        "CPU priority, beside requests' batches instead of ahead of them (Qwen3 keeps one lane: one model per GPU).",
+    )
 
 
 class Plan(_Strict):

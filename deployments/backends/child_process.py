@@ -4,13 +4,14 @@ Why: a backend is one decoder, not thread-safe, and PocketSphinx holds the GIL f
 so in one process a request's job waits for the job window already running (about a second for a
 PocketSphinx locating window): /v1/align p50 went to 2.4x its idle value while a long job ran. With
 the windows aligned by a second backend in a child process, a request's batch runs beside a window
-instead of after it, and at `nice` +10 the window gets the CPU that requests leave.
+instead of after it, and at `nice` +10 the window gets the CPU that requests leave (Ray starts its
+workers at nice 15, so the child runs at 19 there).
 For CPU backends only (PocketSphinx): a second Qwen3 on the same GPU would double its memory, and a
 GPU batch is short, so Qwen3 replicas keep one lane (deployments.aligner).
 
 The child is started on the first batch (a replica that never sees a job window never starts one)
 and lives as long as the replica: it dies with its parent (PR_SET_PDEATHSIG, Linux) or when the
-pipe closes. Ray does not count its CPU or memory (a second model, ~100 MB) against the replica's
+pipe closes. Ray does not count its CPU or memory (~190 MB RSS here: a second model and its Python) against the replica's
 `ray_actor_options`: where aligners run on CPU nodes, size the nodes for it.
 
 Failure policy: a child that dies (killed, out of memory, or it could not build its backend) fails

@@ -11,8 +11,8 @@ GPU batch is short, so Qwen3 replicas keep one lane (deployments.aligner).
 
 The child is started on the first batch (a replica that never sees a job window never starts one)
 and lives as long as the replica: it dies with its parent (PR_SET_PDEATHSIG, Linux) or when the
-pipe closes. Ray does not count its CPU or memory (~190 MB RSS here: a second model and its Python) against the replica's
-`ray_actor_options`: where aligners run on CPU nodes, size the nodes for it.
+pipe closes. Ray does not count its CPU or memory (~190 MB RSS here: a second model and its
+Python) against the replica's `ray_actor_options`: where aligners run on CPU nodes, size for it.
 
 Failure policy: a child that dies (killed, out of memory, or it could not build its backend) fails
 the batch it held with a transient `BackendFailed` (503 for that window; the job runner retries

@@ -13,20 +13,17 @@ import os
 import signal
 import threading
 import time
-import wave
 
 import numpy as np
 import pytest
 
+from bench.eval_set import load_eval_set
 from deployments.aligner import Aligner, window_lane
 from deployments.backends.base import SAMPLE_RATE, AlignmentJob, BackendFailed, BackendInfo, UnitTiming
 from deployments.backends.child_process import CHILD_NICE, ChildProcessBackend
 from deployments.backends.pocketsphinx import PocketSphinxBackend
 from serve_app.settings import AlignerOptions, GraphArgs
-from tests.support.cluster import ROOT
 
-CLIP = ROOT.parent / "shared" / "eval" / "emuR_ae" / "msajc003.wav"
-CLIP_UNITS = tuple("amongst her friends she was considered beautiful".split())
 INFO = BackendInfo("test", "test", frozenset({"English"}), 60.0)
 SLOW_S = 3.0
 
@@ -49,9 +46,8 @@ def _job(*units: str) -> AlignmentJob:
 
 
 def _clip_job() -> AlignmentJob:
-    with wave.open(str(CLIP), "rb") as source:
-        samples = np.frombuffer(source.readframes(source.getnframes()), dtype="<i2")
-    return AlignmentJob((samples / 32768.0).astype(np.float32), CLIP_UNITS, "English")
+    """The first dev-set utterance (../shared/eval/emuR_ae), with its transcript."""
+    return load_eval_set()[0].job()
 
 
 @pytest.fixture
@@ -111,5 +107,5 @@ async def test_a_request_does_not_wait_for_the_job_window_running_beside_it(chil
     started = time.monotonic()
     answer = await aligner.align(_clip_job())
     assert time.monotonic() - started < SLOW_S / 2 and not window.done()
-    assert [unit.text for unit in answer] == list(CLIP_UNITS)
+    assert [unit.text for unit in answer] == list(_clip_job().units)
     assert isinstance((await window)[0], UnitTiming)
